@@ -1,1 +1,16 @@
-//! placeholder
+//! Sentinel's control plane: the one owner of Postgres.
+//!
+//! Modules:
+//! - [`config`]: the configuration file and environment overrides;
+//! - [`db`]: the pool and the embedded migrations;
+//! - [`store`]: every SQL statement (policy, keys, audit, fleet);
+//! - [`error`]: the error type and its gRPC/HTTP mappings;
+//! - [`local_pg`]: a throwaway Postgres from the local binaries;
+//! - [`testing`]: a fresh database per test.
+
+pub mod config;
+pub mod db;
+pub mod error;
+pub mod local_pg;
+pub mod store;
+pub mod testing;
