@@ -4,6 +4,7 @@
 //! 127.0.0.1:5432; otherwise a throwaway cluster started from the local
 //! PostgreSQL binaries in `target/test-pg` (shared by every test process and
 //! left running for the next; `pg_ctl -D target/test-pg stop` ends it).
+//! `SENTINEL_TEST_PG=local` skips the server on 5432.
 //! Each test gets its own database, dropped when the test's [`TestDb`] is
 //! dropped; databases left by crashed runs are dropped after an hour.
 
@@ -39,7 +40,9 @@ async fn find_or_start_server() -> String {
         return url;
     }
     let local = "postgres://postgres@127.0.0.1:5432/postgres".to_string();
-    if local_pg::port_open(5432) && PgConnection::connect(&local).await.is_ok() {
+    // SENTINEL_TEST_PG=local skips 5432: how the fallback itself is tested.
+    let force_local = std::env::var("SENTINEL_TEST_PG").is_ok_and(|v| v == "local");
+    if !force_local && local_pg::port_open(5432) && PgConnection::connect(&local).await.is_ok() {
         return local;
     }
     // Several test processes may get here at once: serialise on a lock file.
