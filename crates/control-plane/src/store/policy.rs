@@ -26,7 +26,13 @@ pub struct ApplyOutcome {
 const SESSION_KEYS_KEPT: i64 = 3;
 
 /// id, hash, role, owner, expiry of a live key.
-type KeyRow = (String, Vec<u8>, String, String, Option<time::OffsetDateTime>);
+type KeyRow = (
+    String,
+    Vec<u8>,
+    String,
+    String,
+    Option<time::OffsetDateTime>,
+);
 
 impl Store {
     /// The whole declarative policy, secrets included. Never hand this to an
