@@ -5,12 +5,18 @@
 //! - [`db`]: the pool and the embedded migrations;
 //! - [`store`]: every SQL statement (policy, keys, audit, fleet);
 //! - [`error`]: the error type and its gRPC/HTTP mappings;
+//! - [`policy_bus`]: the current snapshot, fanned out to sync streams;
+//! - [`grpc`]: policy sync, audit ingest, admin services;
+//! - [`state`]: what the admin surfaces share, the admin credential check;
 //! - [`local_pg`]: a throwaway Postgres from the local binaries;
 //! - [`testing`]: a fresh database per test.
 
 pub mod config;
 pub mod db;
 pub mod error;
+pub mod grpc;
 pub mod local_pg;
+pub mod policy_bus;
+pub mod state;
 pub mod store;
 pub mod testing;

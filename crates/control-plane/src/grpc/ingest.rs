@@ -1,0 +1,114 @@
+//! Audit ingest: a proxy streams batches of audit events; each batch is
+//! answered only after its transaction committed, so a proxy may forget
+//! (reclaim) exactly what was answered. Batches are handled in order, one at
+//! a time per stream. A database failure ends the stream with `UNAVAILABLE`:
+//! the proxy reconnects and resends, and event ids absorb the replay.
+
+use std::pin::Pin;
+use std::time::Duration;
+
+use futures::{Stream, StreamExt};
+use sentinel_shared::proto::audit_ingest_server::AuditIngest;
+use sentinel_shared::proto::{IngestRequest, IngestResponse, ingest_request};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::{check_join_token, check_proxy_id};
+use crate::state::AppState;
+
+/// Time a new stream has to say who it is.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub struct IngestService {
+    pub state: AppState,
+}
+
+type Out = Pin<Box<dyn Stream<Item = Result<IngestResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl AuditIngest for IngestService {
+    type IngestStream = Out;
+
+    async fn ingest(
+        &self,
+        request: Request<Streaming<IngestRequest>>,
+    ) -> Result<Response<Out>, Status> {
+        let mut inbound = request.into_inner();
+        let hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.next()).await {
+            Ok(Some(Ok(IngestRequest {
+                msg: Some(ingest_request::Msg::Hello(h)),
+            }))) => h,
+            Ok(Some(Ok(_))) => {
+                return Err(Status::invalid_argument(
+                    "hello: the first message must be an IngestHello",
+                ));
+            }
+            Ok(Some(Err(status))) => return Err(status),
+            Ok(None) => {
+                return Err(Status::invalid_argument(
+                    "hello: stream closed before hello",
+                ));
+            }
+            Err(_) => return Err(Status::deadline_exceeded("hello: not received in time")),
+        };
+        check_proxy_id(&hello.proxy_id)?;
+        check_join_token(&self.state, &hello.join_token).await?;
+        let proxy_id = hello.proxy_id;
+        tracing::debug!(%proxy_id, "audit ingest stream opened");
+
+        let (tx, rx) = mpsc::channel(16);
+        let state = self.state.clone();
+        tokio::spawn(async move {
+            let max = state.config.audit.max_batch_events;
+            while let Some(msg) = inbound.next().await {
+                let batch = match msg {
+                    Ok(IngestRequest {
+                        msg: Some(ingest_request::Msg::Batch(b)),
+                    }) => b,
+                    Ok(_) => {
+                        let _ = tx
+                            .send(Err(Status::invalid_argument(
+                                "batch: expected an AuditBatch after the hello",
+                            )))
+                            .await;
+                        return;
+                    }
+                    Err(_) => return,
+                };
+                if batch.events.len() > max {
+                    let _ = tx
+                        .send(Err(Status::invalid_argument(format!(
+                            "batch.events: {} events, at most {max} per batch",
+                            batch.events.len()
+                        ))))
+                        .await;
+                    return;
+                }
+                let n = batch.events.len();
+                let started = std::time::Instant::now();
+                match state.store.ingest_batch(&proxy_id, batch.events).await {
+                    Ok(r) => {
+                        metrics::histogram!("sentinel_audit_batch_seconds")
+                            .record(started.elapsed().as_secs_f64());
+                        let resp = IngestResponse {
+                            batch_id: batch.batch_id,
+                            inserted: r.inserted,
+                            duplicates: r.duplicates,
+                            dead_lettered: r.dead_lettered,
+                        };
+                        if tx.send(Ok(resp)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(%proxy_id, events = n, error = %e, "audit batch not stored");
+                        let _ = tx.send(Err(Status::from(e))).await;
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
