@@ -7,6 +7,7 @@
 //! - [`error`]: the error type and its gRPC/HTTP mappings;
 //! - [`policy_bus`]: the current snapshot, fanned out to sync streams;
 //! - [`grpc`]: policy sync, audit ingest, admin services;
+//! - [`server`]: start-up, listeners, retention;
 //! - [`state`]: what the admin surfaces share, the admin credential check;
 //! - [`local_pg`]: a throwaway Postgres from the local binaries;
 //! - [`testing`]: a fresh database per test.
@@ -17,6 +18,7 @@ pub mod error;
 pub mod grpc;
 pub mod local_pg;
 pub mod policy_bus;
+pub mod server;
 pub mod state;
 pub mod store;
 pub mod testing;
