@@ -1,0 +1,280 @@
+//! The proxy's configuration: a TOML file plus `SENTINEL_PROXY_*` environment
+//! overrides, validated once at start with every problem reported at once.
+//!
+//! Environment overrides use `__` to reach nested keys, e.g.
+//! `SENTINEL_PROXY_CONTROL_PLANE__URL=https://cp:7443`.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+/// Exit code for a configuration error (`EX_CONFIG` would be 78; sysexits'
+/// `EX_USAGE`, 64, is what operators of our other tools expect).
+pub const EXIT_BAD_CONFIG: i32 = 64;
+
+/// Everything the proxy reads at start.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Stable identity of this proxy toward the control plane and in audit.
+    pub proxy_id: String,
+    /// Address the MCP endpoint, health and metrics are served on.
+    pub listen: SocketAddr,
+    /// Path of the MCP endpoint.
+    pub mcp_path: String,
+    /// Public base URL of this proxy (e.g. `https://mcp.example.com`), used
+    /// in the RFC 9728 metadata; when empty it is derived from `Host`.
+    pub public_url: String,
+    /// Where policy comes from in production.
+    pub control_plane: ControlPlaneConfig,
+    /// Local audit spool (written by the spool, owned by `audit::spool`).
+    pub spool: SpoolConfig,
+    /// A policy snapshot read from disk at start (tests, standalone use).
+    /// JSON or TOML in the format of [`crate::policy::file::PolicyFile`].
+    pub policy_file: Option<PathBuf>,
+    /// Largest request body accepted on `/mcp`, bytes.
+    pub max_body_bytes: usize,
+    /// `Origin` values accepted (exact match, or `*`). Requests without an
+    /// `Origin` (non-browser clients) are always accepted. Loopback origins
+    /// (`http://localhost:*`, `http://127.0.0.1:*`) are accepted unless
+    /// `allow_loopback_origins` is false.
+    pub allowed_origins: Vec<String>,
+    pub allow_loopback_origins: bool,
+    /// `Host` names accepted (port ignored; `*` accepts any). Empty: the
+    /// loopback names only, the DNS-rebinding-safe default.
+    pub allowed_hosts: Vec<String>,
+    /// Default per-request timeout toward upstreams, milliseconds.
+    pub upstream_timeout_ms: u64,
+    /// Stdio upstream commands this proxy may run, by name. The policy refers
+    /// to them (`command_ref`); it can never add one.
+    pub stdio: BTreeMap<String, StdioCommand>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ControlPlaneConfig {
+    /// gRPC URL of the control plane; empty: run from `policy_file` only.
+    pub url: String,
+    /// Join token (`sntj_...`) proving this proxy may join.
+    pub join_token: String,
+    /// PEM CA bundle to verify the control plane with (optional).
+    pub ca_file: Option<PathBuf>,
+    /// Where the last applied snapshot is cached.
+    pub cache_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SpoolConfig {
+    pub dir: PathBuf,
+    /// `fsync` or `os`.
+    pub durability: String,
+    /// `reject` or `drop`.
+    pub on_full: String,
+    pub max_bytes: u64,
+}
+
+impl Default for SpoolConfig {
+    fn default() -> Self {
+        Self {
+            dir: PathBuf::from("sentinel-spool"),
+            durability: "fsync".into(),
+            on_full: "reject".into(),
+            max_bytes: 1024 * 1024 * 1024,
+        }
+    }
+}
+
+/// A command the proxy may run as a stdio upstream.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StdioCommand {
+    pub command: String,
+    pub args: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    pub cwd: Option<PathBuf>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            proxy_id: String::new(),
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            mcp_path: "/mcp".into(),
+            public_url: String::new(),
+            control_plane: ControlPlaneConfig::default(),
+            spool: SpoolConfig::default(),
+            policy_file: None,
+            max_body_bytes: 4 * 1024 * 1024,
+            allowed_origins: Vec::new(),
+            allow_loopback_origins: true,
+            allowed_hosts: Vec::new(),
+            upstream_timeout_ms: 30_000,
+            stdio: BTreeMap::new(),
+        }
+    }
+}
+
+/// Every problem found in a configuration, each naming its field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid configuration:\n{}", .0.iter().map(|(f, m)| format!("  {f}: {m}")).collect::<Vec<_>>().join("\n"))]
+pub struct ConfigError(pub Vec<(String, String)>);
+
+impl Config {
+    /// Reads `path` (if any) and then `SENTINEL_PROXY_*` variables.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let mut fig = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(p) = path {
+            if !p.exists() {
+                return Err(ConfigError(vec![(
+                    "config".into(),
+                    format!("file {} does not exist", p.display()),
+                )]));
+            }
+            fig = fig.merge(Toml::file(p));
+        }
+        fig = fig.merge(Env::prefixed("SENTINEL_PROXY_").split("__"));
+        Self::from_figment(fig)
+    }
+
+    /// Parses TOML text (no environment), for tests.
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        Self::from_figment(
+            Figment::from(Serialized::defaults(Config::default())).merge(Toml::string(text)),
+        )
+    }
+
+    fn from_figment(fig: Figment) -> Result<Self, ConfigError> {
+        let cfg: Config = fig.extract().map_err(|e| {
+            ConfigError(
+                e.into_iter()
+                    .map(|e| {
+                        let field = if e.path.is_empty() {
+                            "config".to_string()
+                        } else {
+                            e.path.join(".")
+                        };
+                        (field, e.kind.to_string())
+                    })
+                    .collect(),
+            )
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks what serde cannot: every problem is collected.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut errs = Vec::new();
+        let mut push = |f: &str, m: &str| errs.push((f.to_string(), m.to_string()));
+        if self.proxy_id.is_empty() {
+            push("proxy_id", "is required (a stable name for this proxy)");
+        } else if !sentinel_shared::spec::valid_name(&self.proxy_id, 128) {
+            push("proxy_id", "must be letters, digits, '_', '-', '.'");
+        }
+        if !self.mcp_path.starts_with('/') {
+            push("mcp_path", "must start with '/'");
+        }
+        if self.max_body_bytes < 1024 {
+            push("max_body_bytes", "must be at least 1024");
+        }
+        if self.upstream_timeout_ms == 0 {
+            push("upstream_timeout_ms", "must be positive");
+        }
+        if self.control_plane.url.is_empty() && self.policy_file.is_none() {
+            push(
+                "control_plane.url",
+                "either control_plane.url or policy_file is required",
+            );
+        }
+        if !self.control_plane.url.is_empty() && self.control_plane.join_token.is_empty() {
+            push(
+                "control_plane.join_token",
+                "is required with control_plane.url",
+            );
+        }
+        if !matches!(self.spool.durability.as_str(), "fsync" | "os") {
+            push("spool.durability", "must be 'fsync' or 'os'");
+        }
+        if !matches!(self.spool.on_full.as_str(), "reject" | "drop") {
+            push("spool.on_full", "must be 'reject' or 'drop'");
+        }
+        for (name, c) in &self.stdio {
+            if !sentinel_shared::spec::valid_name(name, 64) {
+                errs.push((
+                    format!("stdio.{name}"),
+                    "name must be letters, digits, '_', '-', '.'".into(),
+                ));
+            }
+            if c.command.is_empty() {
+                errs.push((format!("stdio.{name}.command"), "is required".into()));
+            }
+        }
+        if errs.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError(errs))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_a_full_file() {
+        let cfg = Config::from_toml(
+            r#"
+            proxy_id = "p1"
+            listen = "127.0.0.1:0"
+            policy_file = "policy.json"
+            allowed_origins = ["https://app.example.com"]
+            [control_plane]
+            url = "http://127.0.0.1:7443"
+            join_token = "sntj_x"
+            [stdio.everything]
+            command = "node"
+            args = ["index.js", "stdio"]
+            env = { A = "b" }
+            "#,
+        )
+        .unwrap();
+        assert_eq!(cfg.proxy_id, "p1");
+        assert_eq!(cfg.stdio["everything"].args, vec!["index.js", "stdio"]);
+        assert_eq!(cfg.stdio["everything"].env["A"], "b");
+        assert_eq!(cfg.max_body_bytes, 4 * 1024 * 1024);
+    }
+
+    #[test]
+    fn errors_name_every_field() {
+        let err = Config::from_toml(
+            r#"
+            mcp_path = "mcp"
+            [spool]
+            durability = "sometimes"
+            [stdio.x]
+            args = []
+            "#,
+        )
+        .unwrap_err();
+        let fields: Vec<&str> = err.0.iter().map(|(f, _)| f.as_str()).collect();
+        assert!(fields.contains(&"proxy_id"), "{err}");
+        assert!(fields.contains(&"mcp_path"), "{err}");
+        assert!(fields.contains(&"spool.durability"), "{err}");
+        assert!(fields.contains(&"stdio.x.command"), "{err}");
+        assert!(fields.contains(&"control_plane.url"), "{err}");
+    }
+
+    #[test]
+    fn unknown_and_mistyped_fields_are_named() {
+        let err = Config::from_toml("proxy_id = \"p\"\nlisten = 5\n").unwrap_err();
+        assert_eq!(err.0[0].0, "listen", "{err}");
+        let err = Config::from_toml("proxy_id = \"p\"\nlisten_addr = \"x\"\n").unwrap_err();
+        assert!(err.to_string().contains("listen_addr"), "{err}");
+    }
+}

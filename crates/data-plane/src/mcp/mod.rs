@@ -1,0 +1,10 @@
+//! MCP toward agents: JSON-RPC framing ([`jsonrpc`]), sealed sessions
+//! ([`session`]), federation of several upstreams into one server
+//! ([`federation`]), edge checks ([`edge`]) and the Streamable HTTP endpoint
+//! for both protocol eras ([`front`]).
+
+pub mod edge;
+pub mod federation;
+pub mod front;
+pub mod jsonrpc;
+pub mod session;
