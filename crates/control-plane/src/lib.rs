@@ -18,6 +18,7 @@ pub mod error;
 pub mod grpc;
 pub mod local_pg;
 pub mod policy_bus;
+pub mod rest;
 pub mod server;
 pub mod state;
 pub mod store;

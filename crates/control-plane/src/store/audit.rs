@@ -339,6 +339,28 @@ impl Store {
         Ok(rows.into_iter().map(AuditRow::into_stored).collect())
     }
 
+    /// Events after the position `after` = (received time in unix
+    /// microseconds, event id), oldest first: the live tail's poll. Unlike
+    /// [`Store::audit_received_after`], events sharing one received time
+    /// (every event of a batch does) are not skipped at a page boundary.
+    pub async fn audit_tail(
+        &self,
+        after: (i64, uuid::Uuid),
+        limit: u32,
+    ) -> Result<Vec<StoredEvent>> {
+        let rows: Vec<AuditRow> = sqlx::query_as(AssertSqlSafe(format!(
+            "SELECT {EVENT_COLUMNS} FROM audit_events \
+             WHERE received_at >= $1 AND (received_at, event_id) > ($1, $2) \
+             ORDER BY received_at, event_id LIMIT $3"
+        )))
+        .bind(from_us(after.0))
+        .bind(after.1)
+        .bind(limit.clamp(1, MAX_PAGE) as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().map(AuditRow::into_stored).collect())
+    }
+
     /// Open gaps, optionally for one proxy.
     pub async fn audit_gaps(&self, proxy_id: Option<&str>) -> Result<Vec<Gap>> {
         let rows: Vec<(String, i64, i64, i64, OffsetDateTime)> = sqlx::query_as(
@@ -1301,6 +1323,29 @@ pub(crate) mod tests {
         assert!(!db.store.query_audit(&window).await.unwrap().0.is_empty());
         // Stored events read back exactly as sent: their hashes verify.
         assert!(page1.iter().all(|e| hash_ok(&e.event) && e.chain_ok));
+    }
+
+    #[tokio::test]
+    async fn the_tail_pages_through_one_batch_without_skipping() {
+        let db = TestDb::new().await;
+        db.store
+            .ingest_batch("p1", chain("p1", 1, 25))
+            .await
+            .unwrap();
+        let mut pos = (0, uuid::Uuid::nil());
+        let mut seen = HashSet::new();
+        loop {
+            let page = db.store.audit_tail(pos, 10).await.unwrap();
+            let Some(last) = page.last() else { break };
+            pos = (
+                last.received_at_us,
+                uuid::Uuid::parse_str(&last.event.event_id).unwrap(),
+            );
+            for e in page {
+                assert!(seen.insert(e.event.event_id));
+            }
+        }
+        assert_eq!(seen.len(), 25);
     }
 
     #[tokio::test]

@@ -42,6 +42,23 @@ impl Store {
         load_spec(&mut conn).await
     }
 
+    /// The declarative policy and the version it is at, read in one
+    /// snapshot so the two agree. Secrets included, as for [`policy_spec`].
+    ///
+    /// [`policy_spec`]: Store::policy_spec
+    pub async fn policy_spec_versioned(&self) -> Result<(PolicySpec, u64)> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            .execute(&mut *tx)
+            .await?;
+        let (version,): (i64,) = sqlx::query_as("SELECT version FROM policy_meta WHERE id = 1")
+            .fetch_one(&mut *tx)
+            .await?;
+        let spec = load_spec(&mut tx).await?;
+        tx.commit().await?;
+        Ok((spec, version as u64))
+    }
+
     /// Replaces the whole declarative policy with `new` (what the file says
     /// is what runs). Redacted secrets keep their stored values. One version
     /// bump for the whole change; none when nothing changed.
@@ -49,8 +66,10 @@ impl Store {
         let (mut tx, version) = self.begin_policy_write().await?;
         let old = load_spec(&mut tx).await?;
         new.restore_secrets(&old)?;
-        normalize(&mut new);
+        // Validate before sorting: field paths such as `roles[3].allow[0]`
+        // must point into the document as the caller wrote it.
         new.validate()?;
+        normalize(&mut new);
         check_key_roles(&mut tx, &new).await?;
         let changes = new.diff_lines(&old);
         if dry_run || changes.is_empty() {
@@ -581,6 +600,28 @@ mod tests {
         let again = s.apply_policy(doc, false).await.unwrap();
         assert!(!again.applied && again.changes.is_empty());
         assert_eq!(again.version, v0 + 1);
+    }
+
+    #[tokio::test]
+    async fn spec_and_version_are_read_together() {
+        let db = TestDb::new().await;
+        let s = &db.store;
+        let v = s.put_role(role("ops", &["*"])).await.unwrap();
+        let (spec, version) = s.policy_spec_versioned().await.unwrap();
+        assert_eq!(version, v);
+        assert_eq!(spec.roles[0].name, "ops");
+    }
+
+    #[tokio::test]
+    async fn apply_errors_point_into_the_document_as_written() {
+        let db = TestDb::new().await;
+        // "b" sorts after "a": the bad pattern is at roles[0] as written.
+        let doc = PolicySpec {
+            roles: vec![role("b", &["*", "["]), role("a", &["*"])],
+            ..Default::default()
+        };
+        let err = db.store.apply_policy(doc, true).await.unwrap_err();
+        assert_eq!(err.fields()[0].field, "roles[0].allow[1]", "{err}");
     }
 
     #[tokio::test]
