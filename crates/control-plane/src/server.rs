@@ -133,6 +133,7 @@ async fn serve_grpc(
     .max_encoding_message_size(MAX_GRPC_MESSAGE);
     let ingest = AuditIngestServer::new(IngestService {
         state: state.clone(),
+        shutdown: shutdown.clone(),
     })
     .max_decoding_message_size(MAX_GRPC_MESSAGE);
     let admin = AdminServer::with_interceptor(

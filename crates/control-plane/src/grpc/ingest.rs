@@ -12,6 +12,7 @@ use sentinel_shared::proto::audit_ingest_server::AuditIngest;
 use sentinel_shared::proto::{IngestRequest, IngestResponse, ingest_request};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::{check_join_token, check_proxy_id};
@@ -22,6 +23,9 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct IngestService {
     pub state: AppState,
+    /// Ends every stream when the server shuts down: a proxy then
+    /// reconnects elsewhere and resends what was not acked.
+    pub shutdown: CancellationToken,
 }
 
 type Out = Pin<Box<dyn Stream<Item = Result<IngestResponse, Status>> + Send>>;
@@ -59,9 +63,20 @@ impl AuditIngest for IngestService {
 
         let (tx, rx) = mpsc::channel(16);
         let state = self.state.clone();
+        let shutdown = self.shutdown.clone();
         tokio::spawn(async move {
             let max = state.config.audit.max_batch_events;
-            while let Some(msg) = inbound.next().await {
+            loop {
+                let msg = tokio::select! {
+                    _ = shutdown.cancelled() => {
+                        let _ = tx.send(Err(Status::unavailable("control plane shutting down"))).await;
+                        return;
+                    }
+                    m = inbound.next() => match m {
+                        Some(m) => m,
+                        None => return,
+                    },
+                };
                 let batch = match msg {
                     Ok(IngestRequest {
                         msg: Some(ingest_request::Msg::Batch(b)),

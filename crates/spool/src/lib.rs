@@ -1,0 +1,368 @@
+//! The proxy's audit spool: nothing a proxy forwards goes unrecorded.
+//!
+//! Before a tool call is forwarded, its attempt is appended here and made
+//! durable ([`Spool::attempt`]); its outcome follows ([`Spool::outcome`]).
+//! Calls refused before forwarding are appended whole ([`Spool::whole`]).
+//! The [`shipper`] streams the records to the control plane in sequence
+//! order, sealing each event into the proxy's hash chain for this boot
+//! epoch, and deletes a segment only once the control plane acked (after
+//! its Postgres commit) every event in it.
+//!
+//! After a crash, an attempt without an outcome is delivered with outcome
+//! `unknown`: the call may have been forwarded, its result was not seen.
+//!
+//! Modules:
+//! - [`format`]: the segment and record encoding;
+//! - [`writer`]: the thread that appends with group commit, and recovery;
+//! - [`shipper`]: delivery to the control plane until acked.
+
+pub mod format;
+pub mod shipper;
+pub mod writer;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use sentinel_shared::proto::AuditEvent;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::format::Kind;
+use crate::writer::{Cmd, Shared, Writer};
+
+/// How durable an appended attempt is before the call goes on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Durability {
+    /// `fdatasync` per group: survives a machine crash.
+    #[default]
+    Fsync,
+    /// Written to the OS: survives a process crash, not a machine crash.
+    Os,
+}
+
+/// What happens to a call when the spool is full or the disk fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WhenFull {
+    /// Refuse the call (the proxy answers 503): nothing unrecorded.
+    #[default]
+    Reject,
+    /// Forward it unrecorded, counted in `sentinel_audit_dropped_total`.
+    Drop,
+}
+
+#[derive(Debug, Clone)]
+pub struct SpoolConfig {
+    pub dir: PathBuf,
+    pub proxy_id: String,
+    pub durability: Durability,
+    /// Bytes of segments kept at most (unacked audit).
+    pub max_bytes: u64,
+    /// A segment is closed and a new one started past this size.
+    pub segment_bytes: u64,
+    pub when_full: WhenFull,
+}
+
+impl SpoolConfig {
+    pub fn new(dir: impl Into<PathBuf>, proxy_id: impl Into<String>) -> Self {
+        SpoolConfig {
+            dir: dir.into(),
+            proxy_id: proxy_id.into(),
+            durability: Durability::Fsync,
+            max_bytes: 1024 * 1024 * 1024,
+            segment_bytes: 64 * 1024 * 1024,
+            when_full: WhenFull::Reject,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AppendError {
+    #[error("audit spool is full")]
+    Full,
+    #[error("audit spool write failed: {0}")]
+    Disk(String),
+    #[error("audit spool is closed")]
+    Closed,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("spool directory {dir}: {source}")]
+    Io {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Counters for heartbeats and metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SpoolStats {
+    pub epoch: u64,
+    pub backlog: u64,
+    pub spool_bytes: u64,
+    pub dropped: u64,
+    pub rejected: u64,
+}
+
+/// The request path's handle on the spool. Cheap to clone.
+#[derive(Clone)]
+pub struct Spool {
+    tx: mpsc::UnboundedSender<Cmd>,
+    shared: Arc<Shared>,
+}
+
+/// The file holding the boot epoch.
+const EPOCH_FILE: &str = "epoch";
+
+impl Spool {
+    /// Opens (or creates) the spool in `cfg.dir`: checks and repairs what a
+    /// crash left, starts a new boot epoch and the writer thread.
+    pub fn open(cfg: SpoolConfig) -> Result<Spool, OpenError> {
+        let io = |source| OpenError::Io {
+            dir: cfg.dir.clone(),
+            source,
+        };
+        std::fs::create_dir_all(&cfg.dir).map_err(io)?;
+        let scanned = writer::recover(&cfg.dir).map_err(io)?;
+        let acked = shipper::read_ack(&cfg.dir).map_err(io)?;
+        let last_epoch = read_epoch(&cfg.dir).map_err(io)?;
+        let epoch = scanned
+            .iter()
+            .map(|s| s.epoch)
+            .chain([last_epoch, acked.epoch])
+            .max()
+            .unwrap_or(0)
+            + 1;
+        write_atomically(&cfg.dir, EPOCH_FILE, epoch.to_string().as_bytes(), true).map_err(io)?;
+        let used: u64 = writer::list_segments(&cfg.dir)
+            .map_err(io)?
+            .iter()
+            .filter_map(|(_, p)| std::fs::metadata(p).ok())
+            .map(|m| m.len())
+            .sum();
+        let backlog = shipper::count_unacked(&cfg.dir, &acked).map_err(io)?;
+        let next_index = scanned.last().map_or(1, |s| s.index + 1);
+        let (committed, _) = watch::channel((next_index, 0));
+        let shared = Arc::new(Shared {
+            dir: cfg.dir.clone(),
+            proxy_id: cfg.proxy_id.clone(),
+            epoch,
+            durability: cfg.durability,
+            used_bytes: AtomicU64::new(used),
+            unacked: AtomicU64::new(backlog),
+            dropped: AtomicU64::new(0),
+            rejected: AtomicU64::new(0),
+            open_segment: AtomicU64::new(next_index),
+            committed,
+        });
+        let writer = Writer::start(shared.clone(), &cfg, next_index).map_err(io)?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        std::thread::Builder::new()
+            .name("audit-spool".into())
+            .spawn(move || writer.run(rx))
+            .map_err(io)?;
+        tracing::info!(
+            dir = %cfg.dir.display(),
+            epoch,
+            backlog,
+            bytes = used,
+            "audit spool open"
+        );
+        Ok(Spool { tx, shared })
+    }
+
+    /// Appends the attempt of a call about to be forwarded; resolves once it
+    /// is durable. Returns its sequence number (0: dropped, by the `drop`
+    /// policy of a full spool). An error means: do not forward the call.
+    pub async fn attempt(&self, event: AuditEvent) -> Result<u64, AppendError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Cmd::Append {
+                kind: Kind::Attempt,
+                sequence: 0,
+                event,
+                reply: Some(reply),
+            })
+            .map_err(|_| AppendError::Closed)?;
+        rx.await.map_err(|_| AppendError::Closed)?
+    }
+
+    /// Appends the complete event of attempt `sequence`. Never blocks.
+    pub fn outcome(&self, sequence: u64, event: AuditEvent) {
+        let _ = self.tx.send(Cmd::Append {
+            kind: Kind::Outcome,
+            sequence,
+            event,
+            reply: None,
+        });
+    }
+
+    /// Appends the complete event of a call that was never forwarded.
+    /// Never blocks.
+    pub fn whole(&self, event: AuditEvent) {
+        let _ = self.tx.send(Cmd::Append {
+            kind: Kind::Whole,
+            sequence: 0,
+            event,
+            reply: None,
+        });
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.shared.epoch
+    }
+
+    pub fn stats(&self) -> SpoolStats {
+        SpoolStats {
+            epoch: self.shared.epoch,
+            backlog: self.shared.unacked.load(Ordering::Relaxed),
+            spool_bytes: self.shared.used_bytes.load(Ordering::Relaxed),
+            dropped: self.shared.dropped.load(Ordering::Relaxed),
+            rejected: self.shared.rejected.load(Ordering::Relaxed),
+        }
+    }
+
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+}
+
+fn read_epoch(dir: &Path) -> std::io::Result<u64> {
+    match std::fs::read_to_string(dir.join(EPOCH_FILE)) {
+        Ok(s) => Ok(s.trim().parse().unwrap_or(0)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
+        Err(e) => Err(e),
+    }
+}
+
+/// Replaces `dir/name` with `data` (write, sync, rename).
+pub(crate) fn write_atomically(
+    dir: &Path,
+    name: &str,
+    data: &[u8],
+    sync: bool,
+) -> std::io::Result<()> {
+    let tmp = dir.join(format!("{name}.tmp"));
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(data)?;
+    if sync {
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, dir.join(name))?;
+    if sync {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(tool: &str) -> AuditEvent {
+        AuditEvent {
+            event_id: uuid::Uuid::now_v7().to_string(),
+            tool: tool.into(),
+            mcp_method: "tools/call".into(),
+            ..Default::default()
+        }
+    }
+
+    fn cfg(dir: &Path) -> SpoolConfig {
+        SpoolConfig::new(dir, "proxy-t")
+    }
+
+    #[tokio::test]
+    async fn concurrent_attempts_share_commits_and_get_distinct_sequences() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(cfg(dir.path())).unwrap();
+        assert_eq!(spool.epoch(), 1);
+        let mut tasks = Vec::new();
+        for i in 0..200 {
+            let s = spool.clone();
+            tasks.push(tokio::spawn(async move {
+                let seq = s.attempt(ev(&format!("t{i}"))).await.unwrap();
+                if i % 2 == 0 {
+                    s.outcome(seq, ev("done"));
+                }
+                seq
+            }));
+        }
+        let mut seqs = Vec::new();
+        for t in tasks {
+            seqs.push(t.await.unwrap());
+        }
+        seqs.sort_unstable();
+        assert_eq!(seqs, (1..=200).collect::<Vec<_>>());
+        spool.whole(ev("denied"));
+        // `whole` does not wait: give the writer a moment.
+        for _ in 0..100 {
+            if spool.stats().backlog == 201 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert_eq!(spool.stats().backlog, 201);
+        drop(spool);
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        // A restart is a new epoch and finds the backlog on disk.
+        let again = Spool::open(cfg(dir.path())).unwrap();
+        assert_eq!(again.epoch(), 2);
+        assert_eq!(again.stats().backlog, 201);
+    }
+
+    #[tokio::test]
+    async fn a_torn_tail_is_cut_and_the_rest_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(cfg(dir.path())).unwrap();
+        for _ in 0..10 {
+            spool.attempt(ev("echo")).await.unwrap();
+        }
+        drop(spool);
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let (_, path) = writer::list_segments(dir.path()).unwrap().pop().unwrap();
+        let good_len = std::fs::metadata(&path).unwrap().len();
+        // Half a record, as a crash in the middle of a write leaves it.
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap();
+        f.write_all(&[200, 0, 0, 0, 1, 2, 3, 4, 1, 9]).unwrap();
+        drop(f);
+        let again = Spool::open(cfg(dir.path())).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), good_len);
+        assert_eq!(again.stats().backlog, 10);
+    }
+
+    #[tokio::test]
+    async fn a_full_spool_rejects_or_drops_as_configured() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = cfg(dir.path());
+        c.max_bytes = 2048;
+        let spool = Spool::open(c.clone()).unwrap();
+        let mut rejected = 0;
+        for _ in 0..100 {
+            if spool.attempt(ev("echo")).await == Err(AppendError::Full) {
+                rejected += 1;
+            }
+        }
+        assert!(rejected > 50, "{rejected}");
+        assert_eq!(spool.stats().rejected, rejected);
+        drop(spool);
+
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = cfg(dir.path());
+        c.max_bytes = 2048;
+        c.when_full = WhenFull::Drop;
+        let spool = Spool::open(c).unwrap();
+        let mut dropped = 0;
+        for _ in 0..100 {
+            if spool.attempt(ev("echo")).await.unwrap() == 0 {
+                dropped += 1;
+            }
+        }
+        assert!(dropped > 50);
+        assert_eq!(spool.stats().dropped, dropped);
+    }
+}
