@@ -186,9 +186,7 @@ async fn serve_http(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), StartError> {
-    // TODO(rest): replaced by crate::rest::router once it lands.
-    let _ = &state;
-    let app = axum::Router::new().route("/healthz", axum::routing::get(|| async { "ok" }));
+    let app = crate::rest::router(state);
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await
