@@ -101,6 +101,7 @@ pub async fn tools_call(call: &Call<'_>, mut msg: Value) -> Answer {
                 backend: backend.name.clone(),
                 id,
                 add_result_type: call.is_modern() && backend.upstream.stateless_is_legacy().await,
+                cacheable: false,
                 audit: Some(audit),
                 timeout: backend.timeout,
             };
@@ -145,6 +146,7 @@ pub async fn route_named(call: &Call<'_>, kind: ListKind, mut msg: Value) -> Ans
             backend: backend.name.clone(),
             id,
             add_result_type: call.is_modern() && backend.upstream.stateless_is_legacy().await,
+            cacheable: matches!(kind, ListKind::Resources),
             audit: None,
             timeout: backend.timeout,
         }

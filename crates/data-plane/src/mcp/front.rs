@@ -258,7 +258,11 @@ impl Call<'_> {
         let merged = federation::merge(&self.snap, &self.principal, &self.st.owners, kind, lists);
         let mut result = json!({ kind.field(): merged });
         if self.is_modern() {
+            // 2026-07-28 list results carry caching directives; the merged
+            // list is filtered per principal, so it is private and not cached.
             result["resultType"] = json!("complete");
+            result["ttlMs"] = json!(0);
+            result["cacheScope"] = json!("private");
         }
         Answer::ok(result_body(id, result))
     }
@@ -360,6 +364,9 @@ pub struct Relay {
     /// Adds `resultType: complete` (the client is 2026-07-28, the upstream
     /// legacy).
     pub add_result_type: bool,
+    /// With `add_result_type`: the result is a cacheable one (resources/read)
+    /// and needs the 2026-07-28 caching directives.
+    pub cacheable: bool,
     /// The call's audit, finished when the response passes by.
     pub audit: Option<CallAudit>,
     pub timeout: std::time::Duration,
@@ -377,6 +384,10 @@ impl Relay {
                 && let Some(r) = msg.get_mut("result").and_then(Value::as_object_mut)
             {
                 r.entry("resultType").or_insert(json!("complete"));
+                if self.cacheable {
+                    r.entry("ttlMs").or_insert(json!(0));
+                    r.entry("cacheScope").or_insert(json!("private"));
+                }
             }
             if let Some(a) = self.audit.take() {
                 a.finish(200, &msg);
@@ -442,6 +453,8 @@ fn discover_result() -> Value {
     let info = server_info();
     json!({
         "resultType": "complete",
+        "ttlMs": 0,
+        "cacheScope": "private",
         "supportedVersions": [MODERN_VERSION],
         "capabilities": capabilities(),
         "serverInfo": info,

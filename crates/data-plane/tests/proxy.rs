@@ -1,0 +1,728 @@
+//! The proxy end to end: the real server on 127.0.0.1:0 with a local
+//! policy, real upstream MCP servers and real MCP clients.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::peers::peers;
+use common::*;
+use sentinel_shared::proto::{AuditEvent, Outcome};
+use sentinel_shared::spec::{BackendSpec, PrefixMode};
+use serde_json::{Value, json};
+
+fn outcome(e: &AuditEvent) -> Outcome {
+    Outcome::try_from(e.outcome).unwrap_or(Outcome::Unspecified)
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f).await.expect("blocking task")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn typescript_client_legacy_era_through_proxy_to_server_everything() {
+    let p = peers();
+    let every = p.everything_http();
+    let (policy, keys) = policy(vec![http_backend("everything", &every.url())]);
+    let proxy = start(config(), Some(policy)).await;
+    let url = proxy.url();
+    let key = keys.admin.clone();
+    let out = blocking(move || {
+        peers().ts_client(
+            &url,
+            &[("Authorization", &format!("Bearer {key}"))],
+            "everything__echo",
+            r#"{"message":"hi from ts"}"#,
+        )
+    })
+    .await
+    .expect("ts client");
+    let tools: Vec<&str> = out["tools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert!(tools.contains(&"everything__echo"), "{tools:?}");
+    assert!(
+        tools.iter().all(|t| t.starts_with("everything__")),
+        "{tools:?}"
+    );
+    assert!(out["result"].to_string().contains("hi from ts"), "{out}");
+    let events = proxy.sink.wait_for(1, Duration::from_secs(5)).await;
+    assert_eq!(events.len(), 1, "{events:?}");
+    let e = &events[0];
+    assert_eq!(outcome(e), Outcome::Ok);
+    assert_eq!(
+        (e.tool.as_str(), e.backend.as_str()),
+        ("echo", "everything")
+    );
+    assert_eq!(e.auth_method, "api_key");
+    assert_eq!(e.role, "admin");
+    assert_eq!(e.client_name, "ts-test-client");
+    assert!(!e.session_id.is_empty());
+    assert!(uuid::Uuid::parse_str(&e.event_id).is_ok());
+    assert!(e.arguments.contains("hi from ts"));
+    let d: Value = serde_json::from_str(&e.decision).unwrap();
+    for gate in ["authenticate", "authorize", "rate_limit", "forward"] {
+        assert_eq!(d[gate]["verdict"], "allow", "{gate}: {d}");
+    }
+    assert_eq!(proxy.sink.attempts().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_client_modern_era_through_proxy_to_python_upstream() {
+    let p = peers();
+    let py = p.python_upstream();
+    let (policy, keys) = policy(vec![http_backend("py", &py.url())]);
+    let proxy = start(config(), Some(policy)).await;
+    let url = proxy.url();
+    let key = keys.reader.clone();
+    let out = blocking(move || {
+        peers().python_client(
+            &url,
+            MODERN,
+            &[("X-API-Key", &key)],
+            "py__add",
+            r#"{"a":2,"b":40}"#,
+        )
+    })
+    .await
+    .expect("python client, 2026-07-28");
+    // The reader may call py/add and py/echo but not py/shout (denied).
+    let mut tools: Vec<String> = serde_json::from_value(out["tools"].clone()).unwrap();
+    tools.sort();
+    assert_eq!(tools, vec!["py__add", "py__echo"]);
+    assert!(out["result"].to_string().contains("42"), "{out}");
+    let events = proxy.sink.wait_for(1, Duration::from_secs(5)).await;
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(outcome(&events[0]), Outcome::Ok);
+    assert_eq!(events[0].protocol_version, MODERN);
+    assert!(events[0].session_id.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_client_legacy_era_across_two_federated_upstreams() {
+    let p = peers();
+    let every = p.everything_http();
+    let py = p.python_upstream();
+    let (mut policy, keys) = policy(vec![
+        http_backend("everything", &every.url()),
+        http_backend("py", &py.url()),
+    ]);
+    policy.policy.federation.prefix_mode = PrefixMode::OnCollision;
+    let proxy = start(config(), Some(policy)).await;
+    let url = proxy.url();
+    let key = keys.admin.clone();
+    let out = blocking(move || {
+        peers().python_client(
+            &url,
+            "legacy",
+            &[("X-API-Key", &key)],
+            "shout",
+            r#"{"text":"quiet"}"#,
+        )
+    })
+    .await
+    .expect("python client, legacy");
+    let tools: Vec<String> = serde_json::from_value(out["tools"].clone()).unwrap();
+    // `echo` exists on both: prefixed. `shout` and `add` are unique: bare.
+    for want in ["everything__echo", "py__echo", "shout", "add", "get-sum"] {
+        assert!(
+            tools.iter().any(|t| t == want),
+            "{want} missing from {tools:?}"
+        );
+    }
+    assert!(!tools.iter().any(|t| t == "echo"), "{tools:?}");
+    assert!(out["result"].to_string().contains("QUIET"), "{out}");
+    let events = proxy.sink.wait_for(1, Duration::from_secs(5)).await;
+    assert_eq!(events[0].backend, "py");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_401_403_429_have_their_headers_and_one_audit_event_each() {
+    let p = peers();
+    let every = p.everything_http();
+    let py = p.python_upstream();
+    let (policy, keys) = policy(vec![
+        http_backend("everything", &every.url()),
+        http_backend("py", &py.url()),
+    ]);
+    let proxy = start(config(), Some(policy)).await;
+    let c = client();
+    let url = proxy.url();
+    let call = |id: u64, name: &str| {
+        modern_body(
+            id,
+            "tools/call",
+            json!({"name": name, "arguments": {"text": "x", "password": "hunter2"}}),
+        )
+    };
+
+    // 401: no credential.
+    let r = modern_request(&c, &url, None, &call(1, "py__shout"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let www = r.headers()["www-authenticate"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        www.contains("resource_metadata=\"http://127.0.0.1:"),
+        "{www}"
+    );
+    assert!(
+        www.contains("/.well-known/oauth-protected-resource/mcp"),
+        "{www}"
+    );
+    assert!(r.headers().contains_key("x-request-id"));
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["id"], 1);
+    assert!(body["error"]["code"].is_i64());
+    // 401: expired key, and the metadata document it points at.
+    let r = modern_request(&c, &url, Some(&keys.expired), &call(2, "py__shout"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert!(
+        r.headers()["www-authenticate"]
+            .to_str()
+            .unwrap()
+            .contains("invalid_token")
+    );
+    let meta: Value = c
+        .get(format!(
+            "http://{}/.well-known/oauth-protected-resource/mcp",
+            proxy.addr
+        ))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(meta["resource"], url);
+
+    // 403: the reader may not call py/shout (deny wins over allow).
+    let r = modern_request(&c, &url, Some(&keys.reader), &call(3, "py__shout"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    let rid = r.headers()["x-request-id"].to_str().unwrap().to_string();
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], -32003);
+
+    // 429: the limited role gets one call, then waits.
+    let r = modern_request(&c, &url, Some(&keys.limited), &call(4, "py__shout"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let ok = rpc_answer(r).await;
+    assert!(ok["result"].to_string().contains('X'), "{ok}");
+    let r = modern_request(&c, &url, Some(&keys.limited), &call(5, "py__shout"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429);
+    let retry: u64 = r.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(retry >= 1);
+
+    let events = proxy.sink.wait_for(5, Duration::from_secs(5)).await;
+    let outcomes: Vec<Outcome> = events.iter().map(outcome).collect();
+    assert_eq!(
+        outcomes,
+        vec![
+            Outcome::Unauthenticated,
+            Outcome::Unauthenticated,
+            Outcome::Forbidden,
+            Outcome::Ok,
+            Outcome::RateLimited
+        ]
+    );
+    let statuses: Vec<u32> = events.iter().map(|e| e.http_status).collect();
+    assert_eq!(statuses, vec![401, 401, 403, 200, 429]);
+    let forbidden = &events[2];
+    assert_eq!(forbidden.request_id, rid);
+    assert_eq!(
+        (forbidden.backend.as_str(), forbidden.tool.as_str()),
+        ("py", "shout")
+    );
+    assert!(
+        forbidden.decision.contains("denied by pattern 'py/shout'"),
+        "{}",
+        forbidden.decision
+    );
+    assert!(forbidden.arguments.contains("[REDACTED]") && !forbidden.arguments.contains("hunter2"));
+    assert_eq!(forbidden.jsonrpc_error_code, -32003);
+    // Only the forwarded call was attempted.
+    assert_eq!(proxy.sink.attempts().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn federation_prefixes_and_filters_per_role() {
+    let p = peers();
+    let every = p.everything_http();
+    let py = p.python_upstream();
+    let (policy, keys) = policy(vec![
+        http_backend("everything", &every.url()),
+        http_backend("py", &py.url()),
+    ]);
+    let proxy = start(config(), Some(policy)).await;
+    let c = client();
+    let list = |key: String| {
+        let c = c.clone();
+        let url = proxy.url();
+        async move {
+            let r = modern_request(
+                &c,
+                &url,
+                Some(&key),
+                &modern_body(1, "tools/list", json!({})),
+            )
+            .send()
+            .await
+            .unwrap();
+            let v = rpc_answer(r).await;
+            let mut names: Vec<String> = v["result"]["tools"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|t| t["name"].as_str().unwrap().to_string())
+                .collect();
+            names.sort();
+            names
+        }
+    };
+    let admin = list(keys.admin.clone()).await;
+    for want in [
+        "everything__echo",
+        "everything__get-sum",
+        "py__add",
+        "py__echo",
+        "py__shout",
+    ] {
+        assert!(
+            admin.iter().any(|t| t == want),
+            "{want} missing from {admin:?}"
+        );
+    }
+    let reader = list(keys.reader.clone()).await;
+    assert_eq!(reader, vec!["everything__echo", "py__add", "py__echo"]);
+    // Calls are routed by prefix to the right upstream.
+    let r = modern_request(
+        &c,
+        &proxy.url(),
+        Some(&keys.admin),
+        &modern_body(
+            2,
+            "tools/call",
+            json!({"name":"everything__get-sum","arguments":{"a":1,"b":2}}),
+        ),
+    )
+    .send()
+    .await
+    .unwrap();
+    let v = rpc_answer(r).await;
+    assert!(v["result"].to_string().contains('3'), "{v}");
+    assert_eq!(
+        v["result"]["resultType"], "complete",
+        "legacy upstream, modern client: {v}"
+    );
+    let r = modern_request(
+        &c,
+        &proxy.url(),
+        Some(&keys.admin),
+        &modern_body(
+            3,
+            "tools/call",
+            json!({"name":"py__echo","arguments":{"message":"m"}}),
+        ),
+    )
+    .send()
+    .await
+    .unwrap();
+    assert!(rpc_answer(r).await["result"].to_string().contains("py:m"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sealed_session_continues_on_another_replica_and_is_bound_to_its_principal() {
+    let p = peers();
+    let every = p.everything_http();
+    let (policy, keys) = policy(vec![http_backend("everything", &every.url())]);
+    let a = start(config(), Some(policy.clone())).await;
+    let b = start(config(), Some(policy)).await;
+    let c = client();
+    let sid = legacy_initialize(&c, &a.url(), &keys.admin, "2025-06-18").await;
+    assert!(sid.starts_with("s1.1."), "{sid}");
+    assert!(!sid.contains(&every.port.to_string()));
+    let call = json!({"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"everything__echo","arguments":{"message":"via b"}}});
+    let r = legacy_request(&c, &b.url(), &keys.admin, &sid, &call)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v = rpc_answer(r).await;
+    assert_eq!(v["id"], 7);
+    assert!(v["result"].to_string().contains("via b"), "{v}");
+    // Another principal presenting the session is refused.
+    let r = legacy_request(&c, &b.url(), &keys.reader, &sid, &call)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    // A forged or unknown session id is 404.
+    let r = legacy_request(
+        &c,
+        &b.url(),
+        &keys.admin,
+        "s1.1.AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+        &call,
+    )
+    .send()
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 404);
+    // Notifications are accepted with 202.
+    let note = json!({"jsonrpc":"2.0","method":"notifications/initialized"});
+    let r = legacy_request(&c, &a.url(), &keys.admin, &sid, &note)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    // Batches are refused outside 2025-03-26 ...
+    let r = legacy_request(&c, &a.url(), &keys.admin, &sid, &json!([call.clone()]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    // ... and in a 2025-03-26 session each element is answered.
+    let old = legacy_initialize(&c, &a.url(), &keys.admin, "2025-03-26").await;
+    let batch = json!([call, {"jsonrpc":"2.0","id":8,"method":"ping"}]);
+    let r = legacy_request(&c, &a.url(), &keys.admin, &old, &batch)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v.as_array().map(Vec::len), Some(2), "{v}");
+    // DELETE ends it: the upstream session is gone, so the next call is 404.
+    let r = c
+        .delete(a.url())
+        .header("x-api-key", &keys.admin)
+        .header("mcp-session-id", &sid)
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success());
+    let call2 = json!({"jsonrpc":"2.0","id":9,"method":"tools/call","params":{"name":"everything__echo","arguments":{"message":"after"}}});
+    let r = legacy_request(&c, &b.url(), &keys.admin, &sid, &call2)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_and_hostile_requests_are_refused_at_the_edge() {
+    let (policy, keys) = policy(vec![http_backend("nowhere", "http://127.0.0.1:9/mcp")]);
+    let mut cfg = config();
+    cfg.max_body_bytes = 2048;
+    let proxy = start(cfg, Some(policy)).await;
+    let c = client();
+    let url = proxy.url();
+    // Mcp-Name disagrees with the body: 400, -32020, before any policy
+    // (no credential is even presented).
+    let body = modern_body(1, "tools/call", json!({"name":"nowhere__a"}));
+    let r = c
+        .post(&url)
+        .header("content-type", "application/json")
+        .header("mcp-protocol-version", MODERN)
+        .header("mcp-method", "tools/call")
+        .header("mcp-name", "nowhere__b")
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(r.json::<Value>().await.unwrap()["error"]["code"], -32020);
+    // Bad JSON.
+    let r = c
+        .post(&url)
+        .header("x-api-key", &keys.admin)
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(r.json::<Value>().await.unwrap()["error"]["code"], -32700);
+    // Not JSON-RPC.
+    let r = c
+        .post(&url)
+        .header("x-api-key", &keys.admin)
+        .body(r#"{"id":1,"method":"x"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.json::<Value>().await.unwrap()["error"]["code"], -32600);
+    // Too large.
+    let big = json!({"jsonrpc":"2.0","id":1,"method":"ping","params":{"x":"a".repeat(4096)}});
+    let r = c
+        .post(&url)
+        .header("x-api-key", &keys.admin)
+        .body(big.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 413);
+    // Origin and Host.
+    let ping = modern_body(2, "ping", json!({}));
+    let r = modern_request(&c, &url, Some(&keys.admin), &ping)
+        .header("origin", "https://evil.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    let r = modern_request(&c, &url, Some(&keys.admin), &ping)
+        .header("host", "evil.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 421);
+    let r = modern_request(&c, &url, Some(&keys.admin), &ping)
+        .header("origin", "http://localhost:3000")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // Legacy request without a session.
+    let r = c
+        .post(&url)
+        .header("x-api-key", &keys.admin)
+        .body(r#"{"jsonrpc":"2.0","id":1,"method":"tools/list"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    // Health.
+    let r = c
+        .get(format!("http://{}/readyz", proxy.addr))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = c
+        .get(format!("http://{}/metrics", proxy.addr))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_policy_the_proxy_serves_nothing() {
+    let proxy = start(config(), None).await;
+    let c = client();
+    let r = modern_request(
+        &c,
+        &proxy.url(),
+        None,
+        &modern_body(1, "tools/list", json!({})),
+    )
+    .send()
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 503);
+    let r = c
+        .get(format!("http://{}/readyz", proxy.addr))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    let r = c
+        .get(format!("http://{}/healthz", proxy.addr))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_down_is_a_jsonrpc_error_and_an_upstream_error_event() {
+    let port = peers::free_port();
+    let (policy, keys) = policy(vec![http_backend(
+        "down",
+        &format!("http://127.0.0.1:{port}/mcp"),
+    )]);
+    let proxy = start(config(), Some(policy)).await;
+    let c = client();
+    let r = modern_request(
+        &c,
+        &proxy.url(),
+        Some(&keys.admin),
+        &modern_body(1, "tools/call", json!({"name":"down__echo","arguments":{}})),
+    )
+    .send()
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], -32050, "{v}");
+    let events = proxy.sink.wait_for(1, Duration::from_secs(5)).await;
+    assert_eq!(outcome(&events[0]), Outcome::UpstreamError);
+    assert_eq!(events[0].backend, "down");
+    // And the proxy is still up.
+    let r = c
+        .get(format!("http://{}/healthz", proxy.addr))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // Audit unavailable: the call is refused with 503 and not forwarded.
+    proxy.sink.set_failing(true);
+    let r = modern_request(
+        &c,
+        &proxy.url(),
+        Some(&keys.admin),
+        &modern_body(2, "tools/call", json!({"name":"down__echo","arguments":{}})),
+    )
+    .send()
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 503);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_credentials_never_reach_the_upstream() {
+    use axum::routing::post;
+    let seen: Arc<std::sync::Mutex<Vec<http::HeaderMap>>> = Default::default();
+    let s2 = seen.clone();
+    let app = axum::Router::new().route(
+        "/mcp",
+        post(move |headers: http::HeaderMap, body: String| {
+            let seen = s2.clone();
+            async move {
+                seen.lock().unwrap().push(headers);
+                let v: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+                let id = v["id"].clone();
+                let result = match v["method"].as_str() {
+                    Some("initialize") => json!({"protocolVersion":"2025-06-18","capabilities":{"tools":{}},"serverInfo":{"name":"recorder","version":"1"}}),
+                    Some("tools/list") => json!({"tools":[{"name":"rec","inputSchema":{"type":"object"}}]}),
+                    Some("tools/call") => json!({"content":[{"type":"text","text":"recorded"}]}),
+                    _ => return (http::StatusCode::ACCEPTED, String::new()),
+                };
+                (http::StatusCode::OK, json!({"jsonrpc":"2.0","id":id,"result":result}).to_string())
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let rec_addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let mut backend = http_backend("rec", &format!("http://{rec_addr}/mcp"));
+    backend
+        .headers
+        .insert("x-upstream-token".into(), "from-policy".into());
+    let (policy, keys) = policy(vec![backend]);
+    let proxy = start(config(), Some(policy)).await;
+    let c = client();
+    let sid = legacy_initialize(&c, &proxy.url(), &keys.admin, "2025-06-18").await;
+    let call = json!({"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"rec__rec","arguments":{}}});
+    let r = legacy_request(&c, &proxy.url(), &keys.admin, &sid, &call)
+        .header("authorization", format!("Bearer {}", keys.admin))
+        .header("cookie", "c=1")
+        .header("proxy-authorization", "Basic eA==")
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        rpc_answer(r).await["result"]
+            .to_string()
+            .contains("recorded")
+    );
+    let seen = seen.lock().unwrap();
+    assert!(
+        seen.len() >= 3,
+        "initialize, initialized, call: {}",
+        seen.len()
+    );
+    for h in seen.iter() {
+        for banned in [
+            "authorization",
+            "x-api-key",
+            "cookie",
+            "proxy-authorization",
+        ] {
+            assert!(!h.contains_key(banned), "{banned} forwarded: {h:?}");
+        }
+        assert_eq!(h["x-upstream-token"], "from-policy");
+        assert_eq!(h["host"], rec_addr.to_string().as_str());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stdio_upstream_declared_in_local_config() {
+    let p = peers();
+    let mut cfg = config();
+    cfg.stdio.insert(
+        "everything".into(),
+        sentinel_proxy::config::StdioCommand {
+            command: "node".into(),
+            args: vec![p.everything_js().display().to_string(), "stdio".into()],
+            ..Default::default()
+        },
+    );
+    let backend = BackendSpec {
+        name: "local".into(),
+        stdio: Some("everything".into()),
+        ..Default::default()
+    };
+    let unknown = BackendSpec {
+        name: "ghost".into(),
+        stdio: Some("not-declared".into()),
+        ..Default::default()
+    };
+    let (policy, keys) = policy(vec![backend, unknown]);
+    let proxy = start(cfg, Some(policy)).await;
+    let c = client();
+    let r = modern_request(
+        &c,
+        &proxy.url(),
+        Some(&keys.admin),
+        &modern_body(
+            1,
+            "tools/call",
+            json!({"name":"local__echo","arguments":{"message":"over stdio"}}),
+        ),
+    )
+    .send()
+    .await
+    .unwrap();
+    let v = rpc_answer(r).await;
+    assert!(v["result"].to_string().contains("over stdio"), "{v}");
+    assert_eq!(v["id"], 1);
+    // A command the proxy's config does not declare never runs.
+    let r = modern_request(
+        &c,
+        &proxy.url(),
+        Some(&keys.admin),
+        &modern_body(
+            2,
+            "tools/call",
+            json!({"name":"ghost__echo","arguments":{}}),
+        ),
+    )
+    .send()
+    .await
+    .unwrap();
+    let v = rpc_answer(r).await;
+    assert_eq!(v["error"]["code"], -32050, "{v}");
+}
