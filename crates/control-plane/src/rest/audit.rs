@@ -20,6 +20,7 @@ use http::{HeaderMap, HeaderValue};
 use sentinel_shared::audit::{self, outcome_str};
 use sentinel_shared::proto::{AuditEvent, Outcome};
 use serde::Serialize;
+use tokio::sync::{Semaphore, SemaphorePermit};
 use tokio::time::Instant;
 use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
@@ -52,6 +53,12 @@ const TAIL_PAGE: u32 = 500;
 /// and resume from `Last-Event-ID`, so nothing is lost. This bounds how long
 /// one admin request can hold a task and a pool slot's worth of polling.
 const TAIL_MAX: Duration = Duration::from_secs(3600);
+/// Live tails open at once on this process. Each polls Postgres five times
+/// a second; the bound keeps a burst of dashboards (or a misbehaving
+/// script) from taking the pool away from ingest. Process-wide rather than
+/// per router, since the pool it protects is too.
+const MAX_TAILS: usize = 64;
+static TAILS: Semaphore = Semaphore::const_new(MAX_TAILS);
 
 /// An audit event as the API shows it.
 #[derive(Debug, Clone, Serialize, ToSchema)]
@@ -505,6 +512,7 @@ impl Cell {
     responses(
         (status = 200, content_type = "text/event-stream", description = "a stream of audit events"),
         (status = 400, body = ErrorBody),
+        (status = 409, body = ErrorBody, description = "too many live tails are open"),
     ))]
 async fn tail(
     State(state): State<AppState>,
@@ -519,11 +527,15 @@ async fn tail(
             .ok()
             .and_then(parse_position)
             .ok_or_else(|| Error::invalid("Last-Event-ID", "is not an id this stream sent"))?,
-        // From now on. The database stamps `received_at`; on one host its
-        // clock and ours agree.
-        None => (sentinel_shared::now_us(), uuid::Uuid::nil()),
+        None => state.store.audit_tail_start().await?,
+    };
+    let Ok(permit) = TAILS.try_acquire() else {
+        return Err(Error::Conflict(format!(
+            "{MAX_TAILS} live tails are open on this control plane; close one or query /api/v1/audit"
+        )));
     };
     let tail = Tail {
+        _permit: permit,
         store: state.store.clone(),
         filter,
         position,
@@ -555,6 +567,9 @@ fn parse_position(s: &str) -> Option<(i64, uuid::Uuid)> {
 }
 
 struct Tail {
+    /// Held for as long as the stream lives (dropped with it when the
+    /// client goes away).
+    _permit: SemaphorePermit<'static>,
     store: Store,
     filter: AuditFilter,
     /// (received time, event id) of the last event read.

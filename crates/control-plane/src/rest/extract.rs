@@ -78,9 +78,50 @@ fn bytes_error(r: BytesRejection) -> Error {
 }
 
 fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T> {
-    match axum::Json::<T>::from_bytes(bytes) {
-        Ok(axum::Json(v)) => Ok(v),
-        Err(rejection) => Err(json_error(&rejection)),
+    let value = match axum::Json::<T>::from_bytes(bytes) {
+        Ok(axum::Json(v)) => v,
+        Err(rejection) => return Err(json_error(&rejection)),
+    };
+    // JSON may spell a NUL character (`\u0000`); Postgres text cannot hold
+    // one, and would answer with an error we could only call internal.
+    // Raw NUL bytes are not valid JSON, so only the escape needs looking for.
+    if bytes.windows(6).any(|w| w == b"\\u0000") {
+        let doc: serde_json::Value = serde_json::from_slice(bytes)
+            .map_err(|e| Error::invalid("body", format!("is not valid JSON: {e}")))?;
+        if let Some(path) = find_nul(&doc, String::new()) {
+            return Err(Error::invalid(path, NUL_MESSAGE));
+        }
+    }
+    Ok(value)
+}
+
+const NUL_MESSAGE: &str = "must not contain NUL characters";
+
+/// The path (`roles[0].allow[1]`) of the first string or key holding a NUL.
+fn find_nul(v: &serde_json::Value, path: String) -> Option<String> {
+    let join = |key: &str| {
+        if path.is_empty() {
+            key.to_string()
+        } else {
+            format!("{path}.{key}")
+        }
+    };
+    match v {
+        serde_json::Value::String(s) if s.contains('\0') => {
+            Some(if path.is_empty() { "body".into() } else { path })
+        }
+        serde_json::Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .find_map(|(i, item)| find_nul(item, format!("{path}[{i}]"))),
+        serde_json::Value::Object(map) => map.iter().find_map(|(k, item)| {
+            if k.contains('\0') {
+                Some(join(&k.replace('\0', "\\0")))
+            } else {
+                find_nul(item, join(k))
+            }
+        }),
+        _ => None,
     }
 }
 
@@ -122,6 +163,9 @@ impl<S: Send + Sync> FromRequestParts<S> for PathName {
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self> {
         match axum::extract::Path::<String>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Path(name)) if name.contains('\0') => {
+                Err(Error::invalid("path", NUL_MESSAGE))
+            }
             Ok(axum::extract::Path(name)) => Ok(PathName(name)),
             Err(e) => Err(Error::invalid("path", e.body_text().to_lowercase())),
         }
@@ -177,6 +221,10 @@ impl Params {
         });
         if found.len() > 1 {
             self.errors.push(name, "is given more than once");
+            return None;
+        }
+        if found.iter().any(|v| v.contains('\0')) {
+            self.errors.push(name, NUL_MESSAGE);
             return None;
         }
         found.pop().filter(|v| !v.is_empty())
@@ -276,6 +324,23 @@ mod tests {
         let err = parse_json::<Doc>(b"{\"roles\":").unwrap_err();
         assert_eq!(err.fields()[0].field, "body", "{err}");
         assert!(err.to_string().contains("not valid JSON"), "{err}");
+    }
+
+    #[test]
+    fn nul_characters_are_refused_by_path() {
+        #[derive(serde::Deserialize, Debug)]
+        #[allow(dead_code)]
+        struct Doc {
+            owner: String,
+            tags: Vec<String>,
+        }
+        let err = parse_json::<Doc>(br#"{"owner":"a","tags":["x","b\u0000"]}"#).unwrap_err();
+        assert_eq!(err.fields()[0].field, "tags[1]", "{err}");
+        // An escaped backslash followed by "u0000" is no NUL.
+        parse_json::<Doc>(br#"{"owner":"\\u0000","tags":[]}"#).unwrap();
+        let mut p = Params::parse("owner=a%00b");
+        assert_eq!(p.string("owner"), None);
+        assert_eq!(p.finish().unwrap_err().fields()[0].field, "owner");
     }
 
     #[test]

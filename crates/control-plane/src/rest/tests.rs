@@ -1009,3 +1009,32 @@ async fn fleet_lists_proxies_and_join_tokens_show_once() {
     let r = api.get("/api/v1/proxies?all=1").await;
     assert_error(&r, StatusCode::BAD_REQUEST, "all");
 }
+
+#[tokio::test]
+async fn nul_characters_are_a_400_not_a_database_error() {
+    let api = api().await.with_role("ops").await;
+    for (uri, field) in [
+        ("/api/v1/keys/a%00b", "path"),
+        ("/api/v1/keys?owner=a%00b", "owner"),
+        ("/api/v1/audit?subject=a%00b", "subject"),
+        ("/api/v1/audit/export?tool=a%00b", "tool"),
+    ] {
+        assert_error(&api.get(uri).await, StatusCode::BAD_REQUEST, field);
+    }
+    let r = api
+        .call(
+            Method::POST,
+            "/api/v1/keys",
+            Some(json!({"role": "ops", "owner": "a\u{0}b"})),
+        )
+        .await;
+    assert_error(&r, StatusCode::BAD_REQUEST, "owner");
+    let r = api
+        .call(
+            Method::PUT,
+            "/api/v1/policy",
+            Some(json!({"roles": [{"name": "ops", "allow": ["*", "x\u{0}"]}]})),
+        )
+        .await;
+    assert_error(&r, StatusCode::BAD_REQUEST, "roles[0].allow[1]");
+}

@@ -339,10 +339,25 @@ impl Store {
         Ok(rows.into_iter().map(AuditRow::into_stored).collect())
     }
 
+    /// Where a live tail starts: the database's clock now (`received_at`
+    /// is stamped by it, so the proxy host's clock does not matter).
+    pub async fn audit_tail_start(&self) -> Result<(i64, uuid::Uuid)> {
+        let (now,): (OffsetDateTime,) =
+            sqlx::query_as("SELECT now()").fetch_one(&self.pool).await?;
+        Ok((to_us(now), uuid::Uuid::nil()))
+    }
+
     /// Events after the position `after` = (received time in unix
-    /// microseconds, event id), oldest first: the live tail's poll. Unlike
-    /// [`Store::audit_received_after`], events sharing one received time
-    /// (every event of a batch does) are not skipped at a page boundary.
+    /// microseconds, event id), oldest first: the live tail's poll.
+    ///
+    /// `received_at` is the start time of the inserting transaction, so an
+    /// ingest that began earlier can commit later than one already read.
+    /// Only events older than every transaction still open on this
+    /// database are returned: those can no longer be preceded by a late
+    /// commit, so a tail that advances its position never skips one. (A
+    /// long transaction delays the tail; it does not lose events.) Events
+    /// sharing one received time, as a whole batch does, are not skipped
+    /// at a page boundary either: the position includes the event id.
     pub async fn audit_tail(
         &self,
         after: (i64, uuid::Uuid),
@@ -351,6 +366,8 @@ impl Store {
         let rows: Vec<AuditRow> = sqlx::query_as(AssertSqlSafe(format!(
             "SELECT {EVENT_COLUMNS} FROM audit_events \
              WHERE received_at >= $1 AND (received_at, event_id) > ($1, $2) \
+               AND received_at < (SELECT min(xact_start) FROM pg_stat_activity \
+                                  WHERE datname = current_database() AND xact_start IS NOT NULL) \
              ORDER BY received_at, event_id LIMIT $3"
         )))
         .bind(from_us(after.0))
@@ -1346,6 +1363,23 @@ pub(crate) mod tests {
             }
         }
         assert_eq!(seen.len(), 25);
+    }
+
+    #[tokio::test]
+    async fn the_tail_waits_for_transactions_that_started_earlier() {
+        let db = TestDb::new().await;
+        let start = db.store.audit_tail_start().await.unwrap();
+        // A transaction open from before the ingest could still commit
+        // events stamped earlier than the ingest's: the tail holds back.
+        let mut open = db.pool.begin().await.unwrap();
+        sqlx::query("SELECT 1").execute(&mut *open).await.unwrap();
+        db.store
+            .ingest_batch("p1", chain("p1", 1, 3))
+            .await
+            .unwrap();
+        assert!(db.store.audit_tail(start, 10).await.unwrap().is_empty());
+        open.rollback().await.unwrap();
+        assert_eq!(db.store.audit_tail(start, 10).await.unwrap().len(), 3);
     }
 
     #[tokio::test]
