@@ -67,8 +67,10 @@ pub fn snapshot_with(hmac: &str) -> (std::sync::Arc<Snapshot>, Vec<String>) {
             key: hex::encode([7u8; 32]),
         }],
     };
-    let mut cfg = Config::default();
-    cfg.proxy_id = "t".into();
+    let cfg = Config {
+        proxy_id: "t".into(),
+        ..Default::default()
+    };
     let (publisher, reader) = policy_channel(&cfg);
     publisher.publish(file.into_snapshot().unwrap()).unwrap();
     (

@@ -338,7 +338,8 @@ mod tests {
         assert_eq!(p.method(), AuthMethod::ApiKey);
         let p2 = authenticate(&headers(&[("x-api-key", good)]), &snap, now).unwrap();
         assert_eq!(p, p2);
-        let cases: Vec<(HeaderMap, fn(&Unauthenticated) -> bool)> = vec![
+        type Case = (HeaderMap, fn(&Unauthenticated) -> bool);
+        let cases: Vec<Case> = vec![
             (headers(&[]), |e| matches!(e, Unauthenticated::Missing)),
             (headers(&[("authorization", "Basic abc")]), |e| {
                 matches!(e, Unauthenticated::Malformed(_))

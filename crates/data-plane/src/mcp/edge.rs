@@ -99,8 +99,10 @@ mod tests {
 
     #[test]
     fn origin_and_host_table() {
-        let mut cfg = Config::default();
-        cfg.allowed_origins = vec!["https://app.example.com".into()];
+        let cfg = Config {
+            allowed_origins: vec!["https://app.example.com".into()],
+            ..Default::default()
+        };
         let rules = EdgeRules::from_config(&cfg);
         let ok = [
             h(&[("host", "127.0.0.1:8080")]),

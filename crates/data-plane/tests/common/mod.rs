@@ -42,12 +42,13 @@ impl Drop for TestProxy {
 }
 
 pub fn config() -> Config {
-    let mut c = Config::default();
-    c.proxy_id = "test-proxy".into();
-    c.policy_file = Some("unused".into());
-    c.upstream_timeout_ms = 5_000;
-    c.max_body_bytes = 64 * 1024;
-    c
+    Config {
+        proxy_id: "test-proxy".into(),
+        policy_file: Some("unused".into()),
+        upstream_timeout_ms: 5_000,
+        max_body_bytes: 64 * 1024,
+        ..Default::default()
+    }
 }
 
 /// Starts the real server with `policy` (or none).
@@ -213,8 +214,7 @@ pub async fn rpc_answer(resp: reqwest::Response) -> Value {
     text.lines()
         .filter_map(|l| l.strip_prefix("data: "))
         .filter_map(|d| serde_json::from_str::<Value>(d).ok())
-        .filter(|v| v.get("result").is_some() || v.get("error").is_some())
-        .last()
+        .rfind(|v| v.get("result").is_some() || v.get("error").is_some())
         .unwrap_or_else(|| panic!("no response in stream: {text}"))
 }
 
