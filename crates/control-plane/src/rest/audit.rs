@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use axum::Json;
 use axum::body::{Body, Bytes};
-use axum::extract::State;
+use axum::extract::{Extension, State};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::Stream;
@@ -22,6 +22,7 @@ use sentinel_shared::proto::{AuditEvent, Outcome};
 use serde::Serialize;
 use tokio::sync::{Semaphore, SemaphorePermit};
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -44,6 +45,10 @@ pub(super) fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(verify))
         .routes(routes!(dead_letters))
 }
+
+/// Ends live tails when the server shuts down (see [`super::router_until`]).
+#[derive(Clone)]
+pub struct Shutdown(pub CancellationToken);
 
 /// How often the live tail asks Postgres for new events.
 const TAIL_POLL: Duration = Duration::from_millis(200);
@@ -516,6 +521,7 @@ impl Cell {
     ))]
 async fn tail(
     State(state): State<AppState>,
+    Extension(Shutdown(shutdown)): Extension<Shutdown>,
     headers: HeaderMap,
     mut params: Params,
 ) -> Result<impl IntoResponse> {
@@ -536,6 +542,7 @@ async fn tail(
     };
     let tail = Tail {
         _permit: permit,
+        shutdown,
         store: state.store.clone(),
         filter,
         position,
@@ -570,6 +577,8 @@ struct Tail {
     /// Held for as long as the stream lives (dropped with it when the
     /// client goes away).
     _permit: SemaphorePermit<'static>,
+    /// Cancelled when the server shuts down: the stream ends then.
+    shutdown: CancellationToken,
     store: Store,
     filter: AuditFilter,
     /// (received time, event id) of the last event read.
@@ -595,11 +604,14 @@ impl Tail {
                     };
                     return Some((Ok(Event::default().event("audit").id(id).data(data)), t));
                 }
-                if Instant::now() >= t.ends_at {
+                if Instant::now() >= t.ends_at || t.shutdown.is_cancelled() {
                     return None;
                 }
                 if !t.page_was_full {
-                    tokio::time::sleep(TAIL_POLL).await;
+                    tokio::select! {
+                        () = tokio::time::sleep(TAIL_POLL) => {}
+                        () = t.shutdown.cancelled() => return None,
+                    }
                 }
                 match t.store.audit_tail(t.position, TAIL_PAGE).await {
                     Ok(page) => {

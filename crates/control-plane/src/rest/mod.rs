@@ -17,16 +17,17 @@ pub mod fleet;
 pub mod keys;
 pub mod policy;
 
-use axum::Json;
 use axum::Router;
 use axum::extract::{Request, State};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
 use http::header::{AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTICATE};
 use http::{HeaderValue, StatusCode};
 use serde::Serialize;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
+use tokio_util::sync::CancellationToken;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
@@ -100,6 +101,13 @@ pub struct FieldErrorBody {
 
 /// The REST API with its probes, OpenAPI document and Swagger UI (`/docs`).
 pub fn router(state: AppState) -> Router {
+    router_until(state, CancellationToken::new())
+}
+
+/// [`router`], whose long-lived responses (live tails) end when `shutdown`
+/// is cancelled: a graceful shutdown waits for open connections, and a
+/// tail left open would hold it for as long as the tail may last.
+pub fn router_until(state: AppState, shutdown: CancellationToken) -> Router {
     let (api, openapi) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(keys::routes())
         .merge(policy::routes())
@@ -113,6 +121,7 @@ pub fn router(state: AppState) -> Router {
     // layers read bottom to top: a request meets `require_admin` first.
     api.merge(SwaggerUi::new("/docs").url(OPENAPI_PATH, openapi))
         .fallback(not_found)
+        .layer(Extension(audit::Shutdown(shutdown)))
         // Turns axum's bare 405 into our error shape.
         .layer(middleware::map_response(json_method_not_allowed))
         // Checks the admin credential on every /api/v1 path before routing,

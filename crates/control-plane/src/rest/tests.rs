@@ -1038,3 +1038,35 @@ async fn nul_characters_are_a_400_not_a_database_error() {
         .await;
     assert_error(&r, StatusCode::BAD_REQUEST, "roles[0].allow[1]");
 }
+
+#[tokio::test]
+async fn live_tails_end_at_shutdown() {
+    let db = TestDb::new().await;
+    let state = AppState {
+        store: db.store.clone(),
+        config: Arc::new(Config {
+            database_url: db.url.clone(),
+            admin_tokens: vec![TOKEN.into()],
+            ..Default::default()
+        }),
+        metrics: None,
+    };
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let app = super::router_until(state, shutdown.clone());
+    let req = Request::builder()
+        .uri("/api/v1/audit/tail")
+        .header("authorization", format!("Bearer {TOKEN}"))
+        .body(Body::empty())
+        .unwrap();
+    let resp = app.oneshot(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut body = resp.into_body().into_data_stream();
+    shutdown.cancel();
+    let end = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Some(chunk) = body.next().await {
+            chunk.unwrap();
+        }
+    })
+    .await;
+    assert!(end.is_ok(), "the tail outlived the shutdown");
+}
