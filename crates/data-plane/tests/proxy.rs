@@ -726,3 +726,76 @@ async fn stdio_upstream_declared_in_local_config() {
     let v = rpc_answer(r).await;
     assert_eq!(v["error"]["code"], -32050, "{v}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sampling_round_trip_and_progress_pass_through_in_a_legacy_session() {
+    let p = peers();
+    let every = p.everything_http();
+    let py = p.python_upstream();
+    // Two upstreams share the client session: the sampling request's id is
+    // rewritten and the client's answer routed back to the right one.
+    let (policy, keys) = policy(vec![
+        http_backend("everything", &every.url()),
+        http_backend("py", &py.url()),
+    ]);
+    let proxy = start(config(), Some(policy)).await;
+    let url = proxy.url();
+    let key = keys.admin.clone();
+    let out = blocking(move || {
+        peers().ts_sampling_and_progress(&url, &[("X-API-Key", &key)], "everything__")
+    })
+    .await
+    .expect("ts sampling client");
+    assert_eq!(out["sampled"], 1, "{out}");
+    assert!(
+        out["sampling"]
+            .to_string()
+            .contains("sampled by the client"),
+        "{out}"
+    );
+    let progress = out["progress"].as_array().expect("progress");
+    assert!(progress.len() >= 2, "{out}");
+    assert!(out["long"]["content"].is_array(), "{out}");
+    let events = proxy.sink.wait_for(2, Duration::from_secs(5)).await;
+    assert_eq!(events.len(), 2);
+    assert!(
+        events.iter().all(|e| outcome(e) == Outcome::Ok),
+        "{events:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn elicitation_passes_through_in_both_eras() {
+    let p = peers();
+    let py = p.python_upstream();
+    let (policy, keys) = policy(vec![http_backend("py", &py.url())]);
+    let proxy = start(config(), Some(policy)).await;
+    // 2026-07-28: the upstream answers `input_required`; the client retries
+    // with `inputResponses` and the opaque `requestState`, untouched.
+    let url = proxy.url();
+    let key = keys.admin.clone();
+    let out = blocking(move || {
+        peers().python_client(&url, MODERN, &[("X-API-Key", &key)], "py__greet", "{}")
+    })
+    .await
+    .expect("modern elicitation");
+    assert!(out["result"].to_string().contains("hello Ada"), "{out}");
+    // Legacy: the upstream sends elicitation/create mid-call on the stream;
+    // the client's answer is routed back through the proxy.
+    let url = proxy.url();
+    let key = keys.admin.clone();
+    let out = blocking(move || {
+        peers().python_client(&url, "legacy", &[("X-API-Key", &key)], "py__greet", "{}")
+    })
+    .await
+    .expect("legacy elicitation");
+    assert!(out["result"].to_string().contains("hello Ada"), "{out}");
+    // The modern round trip is two gated attempts (the call and its retry),
+    // the legacy one a single call.
+    let events = proxy.sink.wait_for(3, Duration::from_secs(5)).await;
+    assert_eq!(events.len(), 3, "{events:?}");
+    assert!(
+        events.iter().all(|e| outcome(e) == Outcome::Ok),
+        "{events:?}"
+    );
+}

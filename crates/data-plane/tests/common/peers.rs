@@ -174,9 +174,23 @@ net.Server.prototype.listen = function (...args) {
         let _ = std::fs::write(
             &script,
             r#"import sys
+from typing import Annotated
+from pydantic import BaseModel
 from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver.resolve import Elicit, Resolve
 
 mcp = MCPServer("py-upstream")
+
+class Name(BaseModel):
+    name: str
+
+def ask_name() -> Elicit[Name]:
+    return Elicit("What is your name?", Name)
+
+@mcp.tool()
+def greet(who: Annotated[Name, Resolve(ask_name)]) -> str:
+    """Greets whoever the client says it is (asks by elicitation)."""
+    return "hello " + who.name
 
 @mcp.tool()
 def add(a: int, b: int) -> int:
@@ -223,14 +237,18 @@ mcp.run("streamable-http", host="127.0.0.1", port=int(sys.argv[1]))
         let _ = std::fs::write(
             &script,
             r#"import sys, json, anyio
+import mcp_types as types
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared._httpx_utils import create_mcp_http_client
 
+async def elicit(context, params):
+    return types.ElicitResult(action="accept", content={"name": "Ada"})
+
 async def main():
     url, mode, headers, tool, args = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), sys.argv[4], json.loads(sys.argv[5])
     http = create_mcp_http_client(headers=headers)
-    async with Client(streamable_http_client(url, http_client=http), mode=mode) as c:
+    async with Client(streamable_http_client(url, http_client=http), mode=mode, elicitation_callback=elicit) as c:
         tools = await c.list_tools()
         names = [t.name for t in tools.tools]
         res = await c.call_tool(tool, args)
@@ -295,6 +313,57 @@ console.log(JSON.stringify({ tools: tools.tools.map((t) => t.name), result, sess
                 tool,
                 args,
             ])
+            .output()
+            .map_err(|e| e.to_string())?;
+        parse_last_json(&out)
+    }
+}
+
+impl Peers {
+    /// The TypeScript client with the sampling capability: calls
+    /// `trigger-sampling-request` (the upstream asks the client to sample,
+    /// through the proxy, and gets its answer back through the proxy) and
+    /// `trigger-long-running-operation` with a progress callback.
+    pub fn ts_sampling_and_progress(
+        &self,
+        url: &str,
+        headers: &[(&str, &str)],
+        prefix: &str,
+    ) -> Result<serde_json::Value, String> {
+        let script = self.root.join("node/ts_sampling.mjs");
+        let _ = std::fs::write(
+            &script,
+            r#"import { Client } from '@modelcontextprotocol/sdk/client/index.js';
+import { StreamableHTTPClientTransport } from '@modelcontextprotocol/sdk/client/streamableHttp.js';
+import { CreateMessageRequestSchema } from '@modelcontextprotocol/sdk/types.js';
+const [url, headers, prefix] = [process.argv[2], JSON.parse(process.argv[3]), process.argv[4]];
+const transport = new StreamableHTTPClientTransport(new URL(url), { requestInit: { headers } });
+const client = new Client({ name: 'ts-sampling-client', version: '1.0.0' }, { capabilities: { sampling: {} } });
+let sampled = 0;
+client.setRequestHandler(CreateMessageRequestSchema, async (req) => {
+  sampled += 1;
+  return { model: 'test-model', role: 'assistant', content: { type: 'text', text: 'sampled by the client' } };
+});
+await client.connect(transport);
+const sampling = await client.callTool({ name: prefix + 'trigger-sampling-request', arguments: { prompt: 'hello', maxTokens: 5 } });
+const progress = [];
+const long = await client.callTool(
+  { name: prefix + 'trigger-long-running-operation', arguments: { duration: 1, steps: 3 } },
+  undefined,
+  { onprogress: (p) => progress.push(p) },
+);
+await transport.terminateSession();
+await client.close();
+console.log(JSON.stringify({ sampling, sampled, progress, long }));
+"#,
+        );
+        let headers: serde_json::Map<String, serde_json::Value> = headers
+            .iter()
+            .map(|(k, v)| (k.to_string(), serde_json::Value::String(v.to_string())))
+            .collect();
+        let out = Command::new("node")
+            .arg(&script)
+            .args([url, &serde_json::Value::Object(headers).to_string(), prefix])
             .output()
             .map_err(|e| e.to_string())?;
         parse_last_json(&out)
