@@ -28,6 +28,7 @@ use serde::Serialize;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use tokio_util::sync::CancellationToken;
+use tower_http::trace::TraceLayer;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
@@ -118,9 +119,11 @@ pub fn router_until(state: AppState, shutdown: CancellationToken) -> Router {
         .routes(routes!(metrics))
         .split_for_parts();
     // `Router::layer` wraps everything added before it, fallback included;
-    // layers read bottom to top: a request meets `require_admin` first.
+    // layers read bottom to top: a request meets the trace span first, then
+    // `require_admin`.
     api.merge(SwaggerUi::new("/docs").url(OPENAPI_PATH, openapi))
         .fallback(not_found)
+        // Lets live tails see the server shutting down.
         .layer(Extension(audit::Shutdown(shutdown)))
         // Turns axum's bare 405 into our error shape.
         .layer(middleware::map_response(json_method_not_allowed))
@@ -128,6 +131,9 @@ pub fn router_until(state: AppState, shutdown: CancellationToken) -> Router {
         // so unknown /api/v1 paths do not tell an anonymous caller what
         // exists.
         .layer(middleware::from_fn_with_state(state.clone(), require_admin))
+        // One span per request (method, path), refusals included. Headers
+        // are not recorded: they carry the admin token.
+        .layer(TraceLayer::new_for_http())
         .with_state(state)
 }
 
