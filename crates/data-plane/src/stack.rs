@@ -123,23 +123,39 @@ pub fn refuse_unauthenticated(audit: CallAudit, msg: &Value, err: &ProxyError) {
     audit.refuse(err);
 }
 
-/// Resolves a name for routed methods other than tools/call.
-pub async fn route_named(call: &Call<'_>, kind: ListKind, mut msg: Value) -> Answer {
+/// Resolves a name for routed methods other than tools/call. With `audit`
+/// (the policy audits this method), the event is completed like a tool
+/// call's.
+pub async fn route_named(
+    call: &Call<'_>,
+    kind: ListKind,
+    mut msg: Value,
+    mut audit: Option<CallAudit>,
+) -> Answer {
     let id = msg.get("id").cloned().unwrap_or(Value::Null);
     let key = kind_key(kind);
     let shown = msg["params"][key].as_str().unwrap_or("").to_string();
+    let fail = |audit: Option<CallAudit>, err: ProxyError| {
+        if let Some(a) = audit {
+            a.fail(&err);
+        }
+        Answer::error(id.clone(), err)
+    };
     let Some((backend, name)) = call.resolve(kind, &shown).await else {
-        return Answer::error(
-            id,
+        return fail(
+            audit,
             ProxyError::InvalidParams(format!("unknown {key} '{shown}'")),
         );
     };
+    if let Some(a) = audit.as_mut() {
+        a.tool(&backend.name, &name);
+    }
     if matches!(kind, ListKind::Prompts) {
         msg["params"][key] = Value::String(name);
     }
     let route = match call.route(backend) {
         Ok(r) => r,
-        Err(e) => return Answer::error(id, ProxyError::Upstream(e)),
+        Err(e) => return fail(audit, ProxyError::Upstream(e)),
     };
     match backend.upstream.send(&msg, route).await {
         Ok(reply) => Relay {
@@ -147,11 +163,11 @@ pub async fn route_named(call: &Call<'_>, kind: ListKind, mut msg: Value) -> Ans
             id,
             add_result_type: call.is_modern() && backend.upstream.stateless_is_legacy().await,
             cacheable: matches!(kind, ListKind::Resources),
-            audit: None,
+            audit,
             timeout: backend.timeout,
         }
         .answer(reply),
-        Err(e) => Answer::error(id, ProxyError::Upstream(e)),
+        Err(e) => fail(audit, ProxyError::Upstream(e)),
     }
 }
 

@@ -799,3 +799,57 @@ async fn elicitation_passes_through_in_both_eras() {
         "{events:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn other_methods_are_audited_and_limited_only_when_the_policy_says() {
+    let port = peers::free_port();
+    let (mut policy, keys) = policy(vec![http_backend(
+        "down",
+        &format!("http://127.0.0.1:{port}/mcp"),
+    )]);
+    policy.policy.audit.extra_methods = vec!["tools/list".into()];
+    // The limited role's one-token bucket now also counts tools/list.
+    policy.policy.roles[2].rate_limits[0].methods = vec!["tools/list".into()];
+    let proxy = start(config(), Some(policy)).await;
+    let c = client();
+    let list = modern_body(1, "tools/list", json!({}));
+    let r = modern_request(&c, &proxy.url(), Some(&keys.admin), &list)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // ping is neither audited nor limited.
+    let r = modern_request(
+        &c,
+        &proxy.url(),
+        Some(&keys.limited),
+        &modern_body(2, "ping", json!({})),
+    )
+    .send()
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = modern_request(&c, &proxy.url(), Some(&keys.limited), &list)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = modern_request(&c, &proxy.url(), Some(&keys.limited), &list)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429);
+    let events = proxy.sink.wait_for(3, Duration::from_secs(5)).await;
+    let seen: Vec<(&str, Outcome)> = events
+        .iter()
+        .map(|e| (e.mcp_method.as_str(), outcome(e)))
+        .collect();
+    assert_eq!(
+        seen,
+        vec![
+            ("tools/list", Outcome::Ok),
+            ("tools/list", Outcome::Ok),
+            ("tools/list", Outcome::RateLimited)
+        ]
+    );
+}

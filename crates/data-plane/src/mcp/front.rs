@@ -296,19 +296,67 @@ impl Call<'_> {
             Kind::Request => {}
         }
         let method = jsonrpc::method(&msg).to_string();
-        if let Some(kind) = ListKind::from_method(&method) {
-            return self.list(kind, msg).await;
+        if method == "tools/call" {
+            return stack::tools_call(self, msg).await;
         }
-        match method.as_str() {
-            "tools/call" => stack::tools_call(self, msg).await,
-            "prompts/get" => stack::route_named(self, ListKind::Prompts, msg).await,
-            "resources/read" | "resources/subscribe" | "resources/unsubscribe" => {
-                stack::route_named(self, ListKind::Resources, msg).await
+        // Methods other than tools/call are audited only when the policy
+        // asks, and rate limited only by limits that name them.
+        let mut audit = self
+            .snap
+            .audit
+            .extra_methods
+            .iter()
+            .any(|m| *m == method)
+            .then(|| {
+                let mut a = self.audit(&method);
+                a.verdict(
+                    "authenticate",
+                    true,
+                    format!(
+                        "{} {}",
+                        self.principal.method().as_str(),
+                        self.principal.binding()
+                    ),
+                );
+                a
+            });
+        if let Err(r) = self
+            .st
+            .limiter
+            .check(&self.principal, &self.snap, &method, None)
+        {
+            let err = ProxyError::RateLimited(r);
+            if let Some(mut a) = audit {
+                a.verdict("rate_limit", false, err.to_string());
+                a.refuse(&err);
             }
+            return Answer::error(id, err);
+        }
+        let answer = match method.as_str() {
+            "prompts/get" => {
+                return stack::route_named(self, ListKind::Prompts, msg, audit).await;
+            }
+            "resources/read" | "resources/subscribe" | "resources/unsubscribe" => {
+                return stack::route_named(self, ListKind::Resources, msg, audit).await;
+            }
+            m => match ListKind::from_method(m) {
+                Some(kind) => self.list(kind, msg).await,
+                None => self.local(&method, id, &msg).await,
+            },
+        };
+        if let (Some(a), Answer::Json { status, body, .. }) = (audit.take(), &answer) {
+            a.finish(status.as_u16(), body);
+        }
+        answer
+    }
+
+    /// Methods the proxy answers itself.
+    async fn local(&self, method: &str, id: Value, msg: &Value) -> Answer {
+        match method {
             "ping" => Answer::ok(result_body(id, json!({}))),
             "server/discover" => Answer::ok(result_body(id, discover_result())),
             "logging/setLevel" => {
-                self.broadcast(&msg).await;
+                self.broadcast(msg).await;
                 Answer::ok(result_body(id, json!({})))
             }
             "initialize" => Answer::error(
