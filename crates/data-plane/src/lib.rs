@@ -2,7 +2,9 @@
 //! authorizes, rate limits and audits every tool call.
 //!
 //! Modules:
+//! - [`boot`]: start-up of a whole proxy (policy, spool, shipper, server);
 //! - [`config`]: the TOML file and `SENTINEL_PROXY_*` overrides;
+//! - [`control`]: the policy sync client toward the control plane;
 //! - [`policy`]: the policy in force (`watch` channel) and local files;
 //! - [`gate`]: authentication, authorization, rate limiting;
 //! - [`stack`]: the gates of a tools/call, in order, with audit;
@@ -16,8 +18,10 @@
 //! connection; policy arrives only through [`policy::PolicyPublisher`].
 
 pub mod audit;
+pub mod boot;
 pub mod clock;
 pub mod config;
+pub mod control;
 pub mod error;
 pub mod gate;
 pub mod mcp;

@@ -8,6 +8,7 @@
 //! the proxy id, epoch, sequence and hash chain: the request path never does.
 
 pub mod event;
+pub mod spool;
 
 use std::future::Future;
 use std::pin::Pin;

@@ -1,0 +1,157 @@
+//! Start-up of a whole proxy: policy (local file, cache, control plane),
+//! the audit spool and its shipper, then the HTTP server. `main` and the
+//! whole-system tests both come through [`start`].
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+
+use sentinel_shared::proto::ProxyStats;
+use sentinel_spool::shipper::{self, ShipperConfig};
+use sentinel_spool::{Durability, Spool, SpoolConfig, WhenFull};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
+
+use crate::audit::spool::SpoolSink;
+use crate::audit::{AuditSink, MemorySink};
+use crate::config::Config;
+use crate::control::{self, SyncClient};
+use crate::policy::file::PolicyFile;
+use crate::policy::policy_channel;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BootError {
+    /// The configuration is wrong; the text names the field.
+    #[error("invalid configuration:\n  {0}")]
+    Config(String),
+    #[error("audit spool: {0}")]
+    Spool(#[from] sentinel_spool::OpenError),
+    #[error("server: {0}")]
+    Serve(#[from] std::io::Error),
+}
+
+/// Runs a proxy until `shutdown` resolves.
+pub async fn start(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), BootError> {
+    // Both TLS clients (reqwest, tonic) need a process-wide provider.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let (publisher, reader) = policy_channel(&config);
+    if let Some(path) = &config.policy_file {
+        let snapshot =
+            PolicyFile::read(path).map_err(|e| BootError::Config(format!("policy_file: {e}")))?;
+        publisher
+            .publish(snapshot)
+            .map_err(|e| BootError::Config(format!("policy_file: {e}")))?;
+    }
+    let cp = &config.control_plane;
+    if let Some(cache) = &cp.cache_file
+        && config.policy_file.is_none()
+    {
+        control::load_cache(cache, &publisher);
+    }
+    let publisher = Arc::new(publisher);
+    // One signal for every background task.
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+
+    let sink: Arc<dyn AuditSink> = if cp.url.is_empty() {
+        tracing::warn!(
+            "no control_plane.url: audit events are kept in memory only and never shipped"
+        );
+        MemorySink::new()
+    } else {
+        let channel = channel(&config)?;
+        let spool = Spool::open(spool_config(&config)?)?;
+        tokio::spawn(shipper::run(
+            spool.clone(),
+            channel.clone(),
+            ShipperConfig::new(cp.join_token.clone()),
+            stopped(),
+        ));
+        let stats_spool = spool.clone();
+        let stats_reader = reader.clone();
+        let sync = SyncClient {
+            proxy_id: config.proxy_id.clone(),
+            join_token: cp.join_token.clone(),
+            labels: HashMap::new(),
+            cache_file: cp.cache_file.clone(),
+            stats: Arc::new(move || {
+                let s = stats_spool.stats();
+                ProxyStats {
+                    audit_backlog: s.backlog,
+                    spool_bytes: s.spool_bytes,
+                    audit_dropped: s.dropped,
+                    audit_rejected: s.rejected,
+                    open_sessions: 0,
+                    tool_catalog_hash: String::new(),
+                    policy_version: stats_reader.version(),
+                    boot_epoch: s.epoch,
+                }
+            }),
+        };
+        tokio::spawn(sync.run(channel, publisher.clone(), stopped()));
+        Arc::new(SpoolSink(spool))
+    };
+
+    let served = crate::server::run(config, listener, reader, sink, shutdown).await;
+    let _ = stop_tx.send(true);
+    drop(publisher);
+    served.map_err(BootError::from)
+}
+
+fn spool_config(config: &Config) -> Result<SpoolConfig, BootError> {
+    let s = &config.spool;
+    let mut c = SpoolConfig::new(&s.dir, config.proxy_id.clone());
+    c.durability = match s.durability.as_str() {
+        "fsync" => Durability::Fsync,
+        "os" => Durability::Os,
+        other => {
+            return Err(BootError::Config(format!(
+                "spool.durability: '{other}' is not one of fsync, os"
+            )));
+        }
+    };
+    c.when_full = match s.on_full.as_str() {
+        "reject" => WhenFull::Reject,
+        "drop" => WhenFull::Drop,
+        other => {
+            return Err(BootError::Config(format!(
+                "spool.on_full: '{other}' is not one of reject, drop"
+            )));
+        }
+    };
+    c.max_bytes = s.max_bytes;
+    c.segment_bytes = (s.max_bytes / 8).clamp(64 * 1024, 64 * 1024 * 1024);
+    Ok(c)
+}
+
+fn channel(config: &Config) -> Result<tonic::transport::Channel, BootError> {
+    let cp = &config.control_plane;
+    let bad = |m: String| BootError::Config(format!("control_plane.url: {m}"));
+    let mut ep = Endpoint::from_shared(cp.url.clone())
+        .map_err(|e| bad(e.to_string()))?
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(std::time::Duration::from_secs(10))
+        .keep_alive_timeout(std::time::Duration::from_secs(20))
+        .connect_timeout(std::time::Duration::from_secs(5));
+    if cp.url.starts_with("https://") {
+        let mut tls = ClientTlsConfig::new().with_enabled_roots();
+        if let Some(ca) = &cp.ca_file {
+            let pem = std::fs::read(ca).map_err(|e| {
+                BootError::Config(format!("control_plane.ca_file: {}: {e}", ca.display()))
+            })?;
+            tls = tls.ca_certificate(Certificate::from_pem(pem));
+        }
+        ep = ep.tls_config(tls).map_err(|e| bad(e.to_string()))?;
+    }
+    Ok(ep.connect_lazy())
+}
