@@ -301,25 +301,19 @@ impl Call<'_> {
         }
         // Methods other than tools/call are audited only when the policy
         // asks, and rate limited only by limits that name them.
-        let mut audit = self
-            .snap
-            .audit
-            .extra_methods
-            .iter()
-            .any(|m| *m == method)
-            .then(|| {
-                let mut a = self.audit(&method);
-                a.verdict(
-                    "authenticate",
-                    true,
-                    format!(
-                        "{} {}",
-                        self.principal.method().as_str(),
-                        self.principal.binding()
-                    ),
-                );
-                a
-            });
+        let mut audit = self.snap.audit.extra_methods.contains(&method).then(|| {
+            let mut a = self.audit(&method);
+            a.verdict(
+                "authenticate",
+                true,
+                format!(
+                    "{} {}",
+                    self.principal.method().as_str(),
+                    self.principal.binding()
+                ),
+            );
+            a
+        });
         if let Err(r) = self
             .st
             .limiter
