@@ -1,13 +1,12 @@
-//! `sentinel-proxy`: parses config, binds the listener, loads the local
-//! policy file if configured, and calls [`sentinel_proxy::server::run`].
+//! `sentinel-proxy`: parses config, binds the listener and calls
+//! [`sentinel_proxy::boot::start`] (policy, audit spool, shipper, server).
+//! Exit codes: 64 bad configuration, 1 any other failure.
 
 use std::path::PathBuf;
 
 use clap::Parser;
-use sentinel_proxy::audit::MemorySink;
+use sentinel_proxy::boot::{self, BootError};
 use sentinel_proxy::config::{Config, EXIT_BAD_CONFIG};
-use sentinel_proxy::policy::file::PolicyFile;
-use sentinel_proxy::policy::policy_channel;
 
 #[derive(Parser)]
 #[command(name = "sentinel-proxy", version, about = "Sentinel's MCP data plane")]
@@ -18,13 +17,13 @@ struct Args {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
+        .with_writer(std::io::stderr)
         .init();
-    let _ = rustls::crypto::ring::default_provider().install_default();
     let args = Args::parse();
     let config = match Config::load(args.config.as_deref()) {
         Ok(c) => c,
@@ -33,27 +32,34 @@ async fn main() -> anyhow::Result<()> {
             std::process::exit(EXIT_BAD_CONFIG);
         }
     };
-    let (publisher, reader) = policy_channel(&config);
-    if let Some(path) = &config.policy_file {
-        let snapshot = match PolicyFile::read(path) {
-            Ok(s) => s,
-            Err(e) => {
-                eprintln!("invalid configuration:\n  policy_file: {e}");
-                std::process::exit(EXIT_BAD_CONFIG);
-            }
-        };
-        if let Err(e) = publisher.publish(snapshot) {
-            eprintln!("invalid configuration:\n  policy_file: {e}");
+    let listener = match tokio::net::TcpListener::bind(config.listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!(
+                "invalid configuration:\n  listen: cannot listen on {}: {e}",
+                config.listen
+            );
             std::process::exit(EXIT_BAD_CONFIG);
         }
-    }
-    // The control-plane sync client and the durable spool plug in here.
-    let sink = MemorySink::new();
-    let listener = tokio::net::TcpListener::bind(config.listen).await?;
-    let shutdown = async {
-        let _ = tokio::signal::ctrl_c().await;
     };
-    sentinel_proxy::server::run(config, listener, reader, sink, shutdown).await?;
-    drop(publisher);
-    Ok(())
+    let shutdown = async {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+        }
+        tracing::info!("shutting down");
+    };
+    match boot::start(config, listener, shutdown).await {
+        Ok(()) => {}
+        Err(e @ BootError::Config(_)) => {
+            eprintln!("{e}");
+            std::process::exit(EXIT_BAD_CONFIG);
+        }
+        Err(e) => {
+            eprintln!("sentinel-proxy: {e}");
+            std::process::exit(1);
+        }
+    }
 }
