@@ -186,7 +186,7 @@ async fn serve_http(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), StartError> {
-    let app = crate::rest::router(state);
+    let app = crate::rest::router_until(state, shutdown.clone());
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await
