@@ -853,3 +853,202 @@ async fn other_methods_are_audited_and_limited_only_when_the_policy_says() {
         ]
     );
 }
+
+const EC_PRIVATE_PEM: &str = "-----BEGIN PRIVATE KEY-----
+MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgOiQ2ZRj1rVsQmzj2
+j74kZ3/GyEU26bvoCzyKiuLvB8ehRANCAASvS45Y+CdGrC6B7W2l9r/a70o0rzMa
+0tbbY7dWUzd+Fs8qOl8KufRg/N91833uQ/4BdaoqGuxcMvnOLnRJMjno
+-----END PRIVATE KEY-----
+";
+const EC_PUBLIC_PEM: &str = "-----BEGIN PUBLIC KEY-----
+MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEr0uOWPgnRqwuge1tpfa/2u9KNK8z
+GtLW22O3VlM3fhbPKjpfCrn0YPzfdfN97kP+AXWqKhrsXDL5zi50STI56A==
+-----END PUBLIC KEY-----
+";
+const EC_X: &str = "r0uOWPgnRqwuge1tpfa_2u9KNK8zGtLW22O3VlM3fhY";
+const EC_Y: &str = "zyo6Xwq59GD833Xzfe5D_gF1qioa7Fwy-c4udEkyOeg";
+const HS_SECRET: &str = "an-hmac-secret-of-at-least-32-bytes!!";
+
+fn jwt(
+    alg: jsonwebtoken::Algorithm,
+    key: &jsonwebtoken::EncodingKey,
+    kid: Option<&str>,
+    iss: &str,
+    sub: &str,
+    role: &str,
+) -> String {
+    let mut h = jsonwebtoken::Header::new(alg);
+    h.kid = kid.map(str::to_string);
+    let exp = jsonwebtoken::get_current_timestamp() + 300;
+    jsonwebtoken::encode(
+        &h,
+        &json!({"iss": iss, "aud": "sentinel", "sub": sub, "role": role, "exp": exp}),
+        key,
+    )
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwt_principals_from_hmac_pem_and_jwks_issuers() {
+    use axum::routing::get;
+    use sentinel_shared::spec::JwtIssuerSpec;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    // A JWKS endpoint that starts with an unrelated key and, after the first
+    // fetch, also publishes the signing key (a rotation).
+    let fetches = Arc::new(AtomicUsize::new(0));
+    let f2 = fetches.clone();
+    let app = axum::Router::new().route(
+        "/jwks",
+        get(move || {
+            let n = f2.fetch_add(1, Ordering::SeqCst);
+            async move {
+                let mut keys = vec![json!({"kty":"EC","crv":"P-256","kid":"old","alg":"ES256","use":"sig",
+                    "x":"f83OJ3D2xF1Bg8vub9tLe1gHMzV76e8Tus9uPHvRVEU","y":"x_FEzRu9m36HLN_tue659LNpXW6pCyStikYjKIWI5a0"})];
+                if n >= 1 {
+                    keys.push(json!({"kty":"EC","crv":"P-256","kid":"new","alg":"ES256","use":"sig","x":EC_X,"y":EC_Y}));
+                }
+                axum::Json(json!({"keys": keys}))
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let jwks_addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let (mut policy, _keys) = policy(vec![http_backend("down", "http://127.0.0.1:9/mcp")]);
+    let issuer = |name: &str, iss: &str| JwtIssuerSpec {
+        name: name.into(),
+        issuer: iss.into(),
+        audiences: vec!["sentinel".into()],
+        ..Default::default()
+    };
+    policy.policy.jwt_issuers = vec![
+        JwtIssuerSpec {
+            algorithms: vec!["HS256".into()],
+            hmac_secret: HS_SECRET.into(),
+            ..issuer("hs", "https://hs.test")
+        },
+        JwtIssuerSpec {
+            algorithms: vec!["ES256".into()],
+            public_keys_pem: vec![EC_PUBLIC_PEM.into()],
+            ..issuer("pem", "https://pem.test")
+        },
+        JwtIssuerSpec {
+            algorithms: vec!["ES256".into()],
+            jwks_url: format!("http://{jwks_addr}/jwks"),
+            ..issuer("jwks", "https://jwks.test")
+        },
+    ];
+    let proxy = start(config(), Some(policy)).await;
+    let c = client();
+    let hs = jsonwebtoken::EncodingKey::from_secret(HS_SECRET.as_bytes());
+    let ec = jsonwebtoken::EncodingKey::from_ec_pem(EC_PRIVATE_PEM.as_bytes()).unwrap();
+    let ping = modern_body(1, "ping", json!({}));
+    let status = |token: String| {
+        let c = c.clone();
+        let url = proxy.url();
+        let ping = ping.clone();
+        async move {
+            modern_request(&c, &url, Some(&token), &ping)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    use jsonwebtoken::Algorithm::{ES256, HS256};
+    assert_eq!(
+        status(jwt(HS256, &hs, None, "https://hs.test", "alice", "admin")).await,
+        200
+    );
+    assert_eq!(
+        status(jwt(ES256, &ec, None, "https://pem.test", "bob", "admin")).await,
+        200
+    );
+    // Wrong issuer for the key, wrong secret: refused.
+    assert_eq!(
+        status(jwt(ES256, &ec, None, "https://hs.test", "bob", "admin")).await,
+        401
+    );
+    let wrong = jsonwebtoken::EncodingKey::from_secret(b"another-secret-that-is-long-enough-xx");
+    assert_eq!(
+        status(jwt(HS256, &wrong, None, "https://hs.test", "eve", "admin")).await,
+        401
+    );
+    // JWKS: a token naming `old` makes the first fetch (and fails: not its
+    // key). The issuer then rotates; the unknown kid `new` triggers one
+    // refresh once the minimum interval has passed.
+    assert_eq!(
+        status(jwt(
+            ES256,
+            &ec,
+            Some("old"),
+            "https://jwks.test",
+            "carol",
+            "admin"
+        ))
+        .await,
+        401
+    );
+    assert_eq!(fetches.load(Ordering::SeqCst), 1);
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    assert_eq!(
+        status(jwt(
+            ES256,
+            &ec,
+            Some("new"),
+            "https://jwks.test",
+            "carol",
+            "admin"
+        ))
+        .await,
+        200
+    );
+    assert_eq!(fetches.load(Ordering::SeqCst), 2);
+    // Cached now: no further fetch.
+    assert_eq!(
+        status(jwt(
+            ES256,
+            &ec,
+            Some("new"),
+            "https://jwks.test",
+            "carol",
+            "admin"
+        ))
+        .await,
+        200
+    );
+    assert_eq!(fetches.load(Ordering::SeqCst), 2);
+    // An unknown kid right after a fetch does not make the proxy fetch again.
+    assert_eq!(
+        status(jwt(
+            ES256,
+            &ec,
+            Some("nope"),
+            "https://jwks.test",
+            "carol",
+            "admin"
+        ))
+        .await,
+        401
+    );
+    assert_eq!(fetches.load(Ordering::SeqCst), 2);
+    // A JWT principal's tool call is audited as such.
+    let call = modern_body(2, "tools/call", json!({"name":"down__x","arguments":{}}));
+    let token = jwt(HS256, &hs, None, "https://hs.test", "alice", "admin");
+    let _ = modern_request(&c, &proxy.url(), Some(&token), &call)
+        .send()
+        .await
+        .unwrap();
+    let events = proxy.sink.wait_for(1, Duration::from_secs(5)).await;
+    assert_eq!(
+        (
+            events[0].auth_method.as_str(),
+            events[0].subject.as_str(),
+            events[0].role.as_str()
+        ),
+        ("jwt", "alice", "admin")
+    );
+    assert!(events[0].api_key_id.is_empty());
+}

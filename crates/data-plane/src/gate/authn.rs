@@ -101,7 +101,8 @@ impl Unauthenticated {
 }
 
 /// Authenticates the request carried by `headers` at wall time `now_us`.
-pub fn authenticate(
+/// Awaits only when a JWT names a key its issuer's JWKS does not hold yet.
+pub async fn authenticate(
     headers: &HeaderMap,
     snap: &Snapshot,
     now_us: i64,
@@ -140,7 +141,7 @@ pub fn authenticate(
     if credential.starts_with(KeyKind::Api.prefix()) {
         check_api_key(&credential, snap, now_us)
     } else if credential.bytes().filter(|&b| b == b'.').count() == 2 {
-        check_jwt(&credential, snap)
+        check_jwt(&credential, snap).await
     } else {
         Err(Unauthenticated::Malformed(
             "bearer token is neither an api key nor a jwt".into(),
@@ -173,7 +174,7 @@ fn check_api_key(text: &str, snap: &Snapshot, now_us: i64) -> Result<Principal, 
     })
 }
 
-fn check_jwt(token: &str, snap: &Snapshot) -> Result<Principal, Unauthenticated> {
+async fn check_jwt(token: &str, snap: &Snapshot) -> Result<Principal, Unauthenticated> {
     let header = jsonwebtoken::decode_header(token)
         .map_err(|e| Unauthenticated::InvalidToken(format!("header: {e}")))?;
     let mut last = Unauthenticated::InvalidToken("no issuer accepts this token".into());
@@ -182,7 +183,7 @@ fn check_jwt(token: &str, snap: &Snapshot) -> Result<Principal, Unauthenticated>
         .iter()
         .filter(|v| v.algorithms.contains(&header.alg))
     {
-        match v.verify(token, header.alg) {
+        match v.verify(token, header.alg, header.kid.as_deref()).await {
             Ok(p) => return Ok(p),
             Err(e) => last = e,
         }
@@ -195,6 +196,8 @@ pub struct JwtVerifier {
     name: String,
     algorithms: Vec<Algorithm>,
     keys: Vec<(AlgorithmFamily, DecodingKey)>,
+    /// Keys fetched from the issuer's JWKS URL, when it has one.
+    jwks: Option<Jwks>,
     validation: Validation,
     subject_claim: String,
     role_claim: String,
@@ -204,7 +207,7 @@ pub struct JwtVerifier {
 }
 
 impl JwtVerifier {
-    pub fn new(spec: &JwtIssuerSpec) -> Result<Self, String> {
+    pub fn new(spec: &JwtIssuerSpec, http: reqwest::Client) -> Result<Self, String> {
         let mut algorithms = Vec::with_capacity(spec.algorithms.len());
         for a in &spec.algorithms {
             algorithms
@@ -229,11 +232,7 @@ impl JwtVerifier {
                 .map_err(|e| format!("public_keys_pem[{i}]: {e}"))?;
             keys.push(parsed);
         }
-        if keys.is_empty() && !spec.jwks_url.is_empty() {
-            // JWKS fetching is not built yet: refuse tokens rather than
-            // pretend to verify them.
-            tracing::warn!(issuer = %spec.name, "jwks_url issuers are not supported yet; tokens will be refused");
-        }
+        let jwks = (!spec.jwks_url.is_empty()).then(|| Jwks::new(&spec.jwks_url, http));
         let mut validation = Validation::new(first);
         validation.algorithms = algorithms.clone();
         validation.set_issuer(&[&spec.issuer]);
@@ -245,6 +244,7 @@ impl JwtVerifier {
             name: spec.name.clone(),
             algorithms,
             keys,
+            jwks,
             validation,
             subject_claim: non_empty_or(&spec.subject_claim, "sub"),
             role_claim: non_empty_or(&spec.role_claim, "role"),
@@ -253,10 +253,28 @@ impl JwtVerifier {
         })
     }
 
-    fn verify(&self, token: &str, alg: Algorithm) -> Result<Principal, Unauthenticated> {
+    async fn verify(
+        &self,
+        token: &str,
+        alg: Algorithm,
+        kid: Option<&str>,
+    ) -> Result<Principal, Unauthenticated> {
         let family = alg.family();
         let mut last = Unauthenticated::InvalidToken(format!("issuer '{}' has no key", self.name));
-        for (_, key) in self.keys.iter().filter(|(f, _)| *f == family) {
+        let fetched;
+        let candidates: Vec<&DecodingKey> = match &self.jwks {
+            Some(jwks) => {
+                fetched = jwks.keys_for(kid).await;
+                fetched.iter().filter(|k| k.family() == family).collect()
+            }
+            None => self
+                .keys
+                .iter()
+                .filter(|(f, _)| *f == family)
+                .map(|(_, k)| k)
+                .collect(),
+        };
+        for key in candidates {
             match jsonwebtoken::decode::<Map<String, Value>>(token, key, &self.validation) {
                 Ok(data) => return self.principal(data.claims),
                 Err(e) => last = Unauthenticated::InvalidToken(e.to_string()),
@@ -286,6 +304,116 @@ impl JwtVerifier {
             method: AuthMethod::Jwt,
             issuer: Some(self.name.clone()),
         })
+    }
+}
+
+/// An issuer's JWKS: fetched on first use, cached, and fetched again when a
+/// token names a key id the cache does not hold (the issuer rotated), at
+/// most once per [`Jwks::MIN_REFRESH`] so unknown ids cannot make the proxy
+/// hammer the issuer.
+pub struct Jwks {
+    url: String,
+    http: reqwest::Client,
+    keys: std::sync::RwLock<std::sync::Arc<Vec<(Option<String>, DecodingKey)>>>,
+    last_fetch: std::sync::Mutex<Option<std::time::Instant>>,
+    fetching: tokio::sync::Mutex<()>,
+}
+
+impl Jwks {
+    const MIN_REFRESH: std::time::Duration = std::time::Duration::from_secs(2);
+    const MAX_BYTES: usize = 256 * 1024;
+
+    fn new(url: &str, http: reqwest::Client) -> Self {
+        Self {
+            url: url.to_string(),
+            http,
+            keys: std::sync::RwLock::new(std::sync::Arc::new(Vec::new())),
+            last_fetch: std::sync::Mutex::new(None),
+            fetching: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    fn cached(&self) -> std::sync::Arc<Vec<(Option<String>, DecodingKey)>> {
+        match self.keys.read() {
+            Ok(k) => k.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    fn select(all: &[(Option<String>, DecodingKey)], kid: Option<&str>) -> Vec<DecodingKey> {
+        all.iter()
+            .filter(|(k, _)| kid.is_none() || k.as_deref() == kid)
+            .map(|(_, key)| key.clone())
+            .collect()
+    }
+
+    /// Keys that may have signed a token naming `kid` (all keys without one).
+    async fn keys_for(&self, kid: Option<&str>) -> Vec<DecodingKey> {
+        let found = Self::select(&self.cached(), kid);
+        if !found.is_empty() {
+            return found;
+        }
+        let _one_at_a_time = self.fetching.lock().await;
+        let found = Self::select(&self.cached(), kid);
+        if !found.is_empty() {
+            return found;
+        }
+        let due = {
+            let last = match self.last_fetch.lock() {
+                Ok(l) => *l,
+                Err(p) => *p.into_inner(),
+            };
+            last.is_none_or(|t| t.elapsed() >= Self::MIN_REFRESH)
+        };
+        if due {
+            match self.fetch().await {
+                Ok(keys) => {
+                    let keys = std::sync::Arc::new(keys);
+                    match self.keys.write() {
+                        Ok(mut w) => *w = keys,
+                        Err(p) => *p.into_inner() = keys,
+                    }
+                }
+                Err(e) => tracing::warn!(url = %self.url, error = %e, "jwks fetch failed"),
+            }
+            match self.last_fetch.lock() {
+                Ok(mut l) => *l = Some(std::time::Instant::now()),
+                Err(p) => *p.into_inner() = Some(std::time::Instant::now()),
+            }
+        }
+        Self::select(&self.cached(), kid)
+    }
+
+    async fn fetch(&self) -> Result<Vec<(Option<String>, DecodingKey)>, String> {
+        let resp = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            self.http.get(&self.url).send(),
+        )
+        .await
+        .map_err(|_| "timed out".to_string())?
+        .map_err(|e| e.to_string())?;
+        if !resp.status().is_success() {
+            return Err(format!("HTTP {}", resp.status()));
+        }
+        let body = resp.bytes().await.map_err(|e| e.to_string())?;
+        if body.len() > Self::MAX_BYTES {
+            return Err("jwks too large".into());
+        }
+        let set: jsonwebtoken::jwk::JwkSet =
+            serde_json::from_slice(&body).map_err(|e| e.to_string())?;
+        let mut out = Vec::with_capacity(set.keys.len());
+        for jwk in &set.keys {
+            match DecodingKey::from_jwk(jwk) {
+                // Symmetric keys never come from a JWKS: that would be
+                // algorithm confusion waiting to happen.
+                Ok(k) if k.family() != AlgorithmFamily::Hmac => {
+                    out.push((jwk.common.key_id.clone(), k))
+                }
+                Ok(_) => {}
+                Err(e) => tracing::debug!(error = %e, "jwk skipped"),
+            }
+        }
+        Ok(out)
     }
 }
 
@@ -326,17 +454,21 @@ mod tests {
         .unwrap()
     }
 
-    #[test]
-    fn api_keys_table() {
+    #[tokio::test]
+    async fn api_keys_table() {
         let (snap, keys) = snapshot_with(SECRET);
         let now = 1_800_000_000_000_000;
         let good = &keys[0];
         let expired = &keys[1];
         let bearer = format!("Bearer {good}");
-        let p = authenticate(&headers(&[("authorization", &bearer)]), &snap, now).unwrap();
+        let p = authenticate(&headers(&[("authorization", &bearer)]), &snap, now)
+            .await
+            .unwrap();
         assert_eq!(p.role(), "reader");
         assert_eq!(p.method(), AuthMethod::ApiKey);
-        let p2 = authenticate(&headers(&[("x-api-key", good)]), &snap, now).unwrap();
+        let p2 = authenticate(&headers(&[("x-api-key", good)]), &snap, now)
+            .await
+            .unwrap();
         assert_eq!(p, p2);
         type Case = (HeaderMap, fn(&Unauthenticated) -> bool);
         let cases: Vec<Case> = vec![
@@ -359,15 +491,19 @@ mod tests {
             }),
         ];
         for (i, (h, want)) in cases.into_iter().enumerate() {
-            let err = authenticate(&h, &snap, now).unwrap_err();
+            let err = authenticate(&h, &snap, now).await.unwrap_err();
             assert!(want(&err), "case {i}: {err:?}");
         }
         // Before its expiry the second key works.
-        assert!(authenticate(&headers(&[("x-api-key", expired)]), &snap, 1).is_ok());
+        assert!(
+            authenticate(&headers(&[("x-api-key", expired)]), &snap, 1)
+                .await
+                .is_ok()
+        );
     }
 
-    #[test]
-    fn jwt_claims_issuer_audience_and_algorithm() {
+    #[tokio::test]
+    async fn jwt_claims_issuer_audience_and_algorithm() {
         let (snap, _) = snapshot_with(SECRET);
         let exp = jsonwebtoken::get_current_timestamp() + 600;
         let ok = token(
@@ -378,6 +514,7 @@ mod tests {
             &snap,
             0,
         )
+        .await
         .unwrap();
         assert_eq!(
             (p.subject(), p.role(), p.method()),
@@ -398,6 +535,7 @@ mod tests {
                 &snap,
                 0,
             )
+            .await
             .unwrap_err();
             assert!(
                 matches!(err, Unauthenticated::InvalidToken(_)),
@@ -418,6 +556,7 @@ mod tests {
                 &snap,
                 0
             )
+            .await
             .is_err()
         );
         let hs512 = jsonwebtoken::encode(
@@ -432,6 +571,7 @@ mod tests {
                 &snap,
                 0
             )
+            .await
             .is_err()
         );
     }

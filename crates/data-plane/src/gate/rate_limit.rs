@@ -136,14 +136,14 @@ mod tests {
     use crate::gate::authn::authenticate;
     use crate::testing::snapshot_with;
 
-    #[test]
-    fn bucket_refills_with_the_clock() {
+    #[tokio::test]
+    async fn bucket_refills_with_the_clock() {
         let (snap, keys) = snapshot_with("0123456789abcdef0123456789abcdef");
         let clock = FakeClock::at(1);
         let rl = RateLimiter::new(Arc::new(clock.clone()));
         let mut h = http::HeaderMap::new();
         h.insert("x-api-key", keys[2].parse().unwrap());
-        let p = authenticate(&h, &snap, 1).unwrap();
+        let p = authenticate(&h, &snap, 1).await.unwrap();
         // The `limited` role allows 2 calls at once and 1 per second.
         assert!(
             rl.check(&p, &snap, "tools/call", Some(("echo", "b/echo")))

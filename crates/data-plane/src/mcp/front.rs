@@ -736,7 +736,7 @@ async fn handle_post(st: &AppState, headers: &HeaderMap, body: Body, rid: &str) 
     };
 
     // Authenticate. A tools/call refused here still leaves its audit event.
-    let principal = match authenticate(headers, &snap, st.clock.now_us()) {
+    let principal = match authenticate(headers, &snap, st.clock.now_us()).await {
         Ok(p) => p,
         Err(u) => {
             let err = ProxyError::Unauthenticated(u);
@@ -928,7 +928,7 @@ pub async fn get(State(st): State<Arc<AppState>>, headers: HeaderMap) -> Respons
 }
 
 async fn handle_get(st: &AppState, headers: &HeaderMap) -> Response {
-    let (snap, _principal, state) = match session_request(st, headers) {
+    let (snap, _principal, state) = match session_request(st, headers).await {
         Ok(x) => x,
         Err(r) => return r,
     };
@@ -963,7 +963,7 @@ async fn handle_get(st: &AppState, headers: &HeaderMap) -> Response {
 
 /// DELETE: ends the upstream sessions.
 pub async fn delete(State(st): State<Arc<AppState>>, headers: HeaderMap) -> Response {
-    let (snap, _principal, state) = match session_request(&st, &headers) {
+    let (snap, _principal, state) = match session_request(&st, &headers).await {
         Ok(x) => x,
         Err(r) => return r,
     };
@@ -977,7 +977,7 @@ pub async fn delete(State(st): State<Arc<AppState>>, headers: HeaderMap) -> Resp
 
 /// The common start of GET and DELETE: edge, policy, credential, session.
 #[allow(clippy::result_large_err)]
-fn session_request(
+async fn session_request(
     st: &AppState,
     headers: &HeaderMap,
 ) -> Result<(Arc<Snapshot>, Principal, SessionState), Response> {
@@ -987,6 +987,7 @@ fn session_request(
         plain_error(err.status(), err.code(), &err.client_message())
     })?;
     let principal = authenticate(headers, &snap, st.clock.now_us())
+        .await
         .map_err(|u| unauthorized(st, headers, Value::Null, &ProxyError::Unauthenticated(u)))?;
     let Some(token) = headers.get("mcp-session-id").and_then(|v| v.to_str().ok()) else {
         return Err(StatusCode::METHOD_NOT_ALLOWED.into_response());

@@ -192,7 +192,7 @@ impl PolicyPublisher {
         let mut jwt = Vec::with_capacity(policy.spec.jwt_issuers.len());
         for (i, iss) in policy.spec.jwt_issuers.iter().enumerate() {
             jwt.push(
-                JwtVerifier::new(iss)
+                JwtVerifier::new(iss, self.env.http.clone())
                     .map_err(|m| PolicyRejected::new(format!("jwt_issuers[{i}]: {m}")))?,
             );
         }
