@@ -307,6 +307,9 @@ impl JwtVerifier {
     }
 }
 
+/// Keys of a JWKS with their key ids.
+type KidKeys = Vec<(Option<String>, DecodingKey)>;
+
 /// An issuer's JWKS: fetched on first use, cached, and fetched again when a
 /// token names a key id the cache does not hold (the issuer rotated), at
 /// most once per [`Jwks::MIN_REFRESH`] so unknown ids cannot make the proxy
@@ -314,7 +317,7 @@ impl JwtVerifier {
 pub struct Jwks {
     url: String,
     http: reqwest::Client,
-    keys: std::sync::RwLock<std::sync::Arc<Vec<(Option<String>, DecodingKey)>>>,
+    keys: std::sync::RwLock<std::sync::Arc<KidKeys>>,
     last_fetch: std::sync::Mutex<Option<std::time::Instant>>,
     fetching: tokio::sync::Mutex<()>,
 }
@@ -333,7 +336,7 @@ impl Jwks {
         }
     }
 
-    fn cached(&self) -> std::sync::Arc<Vec<(Option<String>, DecodingKey)>> {
+    fn cached(&self) -> std::sync::Arc<KidKeys> {
         match self.keys.read() {
             Ok(k) => k.clone(),
             Err(p) => p.into_inner().clone(),
@@ -384,7 +387,7 @@ impl Jwks {
         Self::select(&self.cached(), kid)
     }
 
-    async fn fetch(&self) -> Result<Vec<(Option<String>, DecodingKey)>, String> {
+    async fn fetch(&self) -> Result<KidKeys, String> {
         let resp = tokio::time::timeout(
             std::time::Duration::from_secs(5),
             self.http.get(&self.url).send(),
