@@ -885,7 +885,7 @@ fn jwt(
         &json!({"iss": iss, "aud": "sentinel", "sub": sub, "role": role, "exp": exp}),
         key,
     )
-    .unwrap()
+    .expect("encode jwt")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
