@@ -16,9 +16,6 @@ use tokio::net::TcpListener;
 use crate::audit::AuditSink;
 use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
-use crate::gate::rate_limit::RateLimiter;
-use crate::mcp::edge::EdgeRules;
-use crate::mcp::federation::Owners;
 use crate::mcp::front::{self, AppState};
 use crate::policy::PolicyReader;
 
@@ -65,17 +62,7 @@ pub fn router(
     clock: Arc<dyn Clock>,
 ) -> Router {
     let metrics = crate::metrics::handle();
-    let state = Arc::new(AppState {
-        reader: policy,
-        sink: audit,
-        limiter: RateLimiter::new(clock.clone()),
-        clock,
-        edge: EdgeRules::from_config(config),
-        max_body: config.max_body_bytes,
-        public_url: config.public_url.clone(),
-        mcp_path: config.mcp_path.clone(),
-        owners: Owners::default(),
-    });
+    let state = Arc::new(AppState::new(config, policy, audit, clock));
     let metadata_path = format!("/.well-known/oauth-protected-resource{}", config.mcp_path);
     Router::new()
         .route(

@@ -1052,3 +1052,132 @@ async fn jwt_principals_from_hmac_pem_and_jwks_issuers() {
     );
     assert!(events[0].api_key_id.is_empty());
 }
+
+/// Drives the stdio front in process over a pipe: one JSON line out, the
+/// answer line with `id` back (other lines, e.g. notifications, skipped).
+struct StdioClient {
+    write: tokio::io::WriteHalf<tokio::io::DuplexStream>,
+    lines: tokio::io::Lines<tokio::io::BufReader<tokio::io::ReadHalf<tokio::io::DuplexStream>>>,
+}
+
+impl StdioClient {
+    async fn send(&mut self, v: Value) {
+        use tokio::io::AsyncWriteExt;
+        self.write
+            .write_all(format!("{v}\n").as_bytes())
+            .await
+            .expect("write");
+    }
+    async fn answer(&mut self, id: u64) -> Value {
+        for _ in 0..1000 {
+            let line = tokio::time::timeout(Duration::from_secs(20), self.lines.next_line())
+                .await
+                .expect("answer in time")
+                .expect("read")
+                .expect("line");
+            let v: Value = serde_json::from_str(&line).expect("json line");
+            if v["id"] == id && v.get("method").is_none() {
+                return v;
+            }
+        }
+        panic!("no answer to {id}");
+    }
+}
+
+fn stdio_client(proxy: &TestProxy, credential: &str) -> StdioClient {
+    use sentinel_proxy::clock::SystemClock;
+    use sentinel_proxy::mcp::front::AppState;
+    let (ours, theirs) = tokio::io::duplex(1 << 20);
+    let (r, w) = tokio::io::split(theirs);
+    let st = Arc::new(AppState::new(
+        &config(),
+        proxy.publisher.reader(),
+        proxy.sink.clone(),
+        Arc::new(SystemClock::default()),
+    ));
+    let credential = credential.to_string();
+    tokio::spawn(async move {
+        let _ = sentinel_proxy::mcp::stdio_front::serve(st, &credential, r, w).await;
+    });
+    let (read, write) = tokio::io::split(ours);
+    use tokio::io::AsyncBufReadExt;
+    StdioClient {
+        write,
+        lines: tokio::io::BufReader::new(read).lines(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stdio_front_applies_the_same_gates_federation_and_audit() {
+    let p = peers();
+    let every = p.everything_http();
+    let (policy, keys) = policy(vec![http_backend("everything", &every.url())]);
+    // The HTTP server is not used here: its policy channel and sink are.
+    let proxy = start(config(), Some(policy)).await;
+    let mut c = stdio_client(&proxy, &keys.reader);
+    c.send(json!({"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"stdio-test","version":"1"}}})).await;
+    let init = c.answer(1).await;
+    assert_eq!(init["result"]["serverInfo"]["name"], "sentinel", "{init}");
+    c.send(json!({"jsonrpc":"2.0","method":"notifications/initialized"}))
+        .await;
+    c.send(json!({"jsonrpc":"2.0","id":2,"method":"tools/list"}))
+        .await;
+    let list = c.answer(2).await;
+    let names: Vec<&str> = list["result"]["tools"]
+        .as_array()
+        .expect("tools")
+        .iter()
+        .filter_map(|t| t["name"].as_str())
+        .collect();
+    assert_eq!(names, vec!["everything__echo"], "the reader sees only echo");
+    c.send(json!({"jsonrpc":"2.0","id":3,"method":"tools/call","params":{"name":"everything__echo","arguments":{"message":"over stdio front"}}})).await;
+    assert!(
+        c.answer(3).await["result"]
+            .to_string()
+            .contains("over stdio front")
+    );
+    c.send(json!({"jsonrpc":"2.0","id":4,"method":"tools/call","params":{"name":"everything__get-sum","arguments":{"a":1,"b":2}}})).await;
+    assert_eq!(c.answer(4).await["error"]["code"], -32003);
+    c.send(json!("not a message")).await;
+    assert_eq!(c.answer_null().await["error"]["code"], -32600);
+    // 2026-07-28 messages are served statelessly on the same pipe.
+    c.send(modern_body(
+        5,
+        "tools/call",
+        json!({"name":"everything__echo","arguments":{"message":"modern"}}),
+    ))
+    .await;
+    assert!(c.answer(5).await["result"].to_string().contains("modern"));
+    let events = proxy.sink.wait_for(3, Duration::from_secs(5)).await;
+    let outcomes: Vec<Outcome> = events.iter().map(outcome).collect();
+    assert_eq!(outcomes, vec![Outcome::Ok, Outcome::Forbidden, Outcome::Ok]);
+    assert!(events[0].session_id.starts_with("stdio:"));
+    // A bad credential in the environment: every call is refused and audited.
+    let mut bad = stdio_client(&proxy, "sntl_not-a-key");
+    bad.send(modern_body(
+        9,
+        "tools/call",
+        json!({"name":"everything__echo","arguments":{}}),
+    ))
+    .await;
+    assert_eq!(bad.answer(9).await["error"]["code"], -32001);
+    let events = proxy.sink.wait_for(4, Duration::from_secs(5)).await;
+    assert_eq!(outcome(&events[3]), Outcome::Unauthenticated);
+}
+
+impl StdioClient {
+    async fn answer_null(&mut self) -> Value {
+        for _ in 0..1000 {
+            let line = tokio::time::timeout(Duration::from_secs(20), self.lines.next_line())
+                .await
+                .expect("answer in time")
+                .expect("read")
+                .expect("line");
+            let v: Value = serde_json::from_str(&line).expect("json line");
+            if v["id"].is_null() && v.get("error").is_some() {
+                return v;
+            }
+        }
+        panic!("no error answer");
+    }
+}

@@ -36,7 +36,7 @@ use crate::policy::{PolicyReader, Snapshot};
 use crate::stack;
 use crate::upstream::{MessageStream, Reply, Route, UpstreamError};
 
-/// Shared by every request of one server.
+/// Shared by every request of one server (HTTP or stdio front).
 pub struct AppState {
     pub reader: PolicyReader,
     pub sink: Arc<dyn AuditSink>,
@@ -47,6 +47,27 @@ pub struct AppState {
     pub public_url: String,
     pub mcp_path: String,
     pub owners: Owners,
+}
+
+impl AppState {
+    pub fn new(
+        config: &crate::config::Config,
+        reader: PolicyReader,
+        sink: Arc<dyn AuditSink>,
+        clock: Arc<dyn Clock>,
+    ) -> Self {
+        Self {
+            reader,
+            sink,
+            limiter: RateLimiter::new(clock.clone()),
+            clock,
+            edge: EdgeRules::from_config(config),
+            max_body: config.max_body_bytes,
+            public_url: config.public_url.clone(),
+            mcp_path: config.mcp_path.clone(),
+            owners: Owners::default(),
+        }
+    }
 }
 
 /// What the request path answers, before it becomes HTTP.
@@ -280,7 +301,7 @@ impl Call<'_> {
     }
 
     /// One message of the request (a batch has several).
-    async fn dispatch(&self, msg: Value, kind: Kind) -> Answer {
+    pub(crate) async fn dispatch(&self, msg: Value, kind: Kind) -> Answer {
         let id = msg.get("id").cloned().unwrap_or(Value::Null);
         match kind {
             Kind::Notification => {
@@ -866,6 +887,30 @@ async fn initialize(
         )
         .into_response(None);
     };
+    let (state, result) = open_upstreams(st, snap, principal, msg).await;
+    let token = match sealer.seal(&state) {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot seal session");
+            return Answer::error(
+                id,
+                ProxyError::InvalidRequest("cannot open a session".into()),
+            )
+            .into_response(None);
+        }
+    };
+    Answer::ok(result_body(id, result)).into_response(Some(&token))
+}
+
+/// The work of a legacy `initialize`: a session with every upstream (those
+/// that fail are left out and their calls fail later), and the result the
+/// client gets.
+pub(crate) async fn open_upstreams(
+    st: &AppState,
+    snap: &Snapshot,
+    principal: &Principal,
+    msg: &Value,
+) -> (SessionState, Value) {
     let requested = msg["params"]["protocolVersion"].as_str().unwrap_or("");
     let version = if LEGACY_VERSIONS.contains(&requested) {
         requested
@@ -900,38 +945,21 @@ async fn initialize(
         upstreams,
         created_us: st.clock.now_us(),
     };
-    let token = match sealer.seal(&state) {
-        Ok(t) => t,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot seal session");
-            return Answer::error(
-                id,
-                ProxyError::InvalidRequest("cannot open a session".into()),
-            )
-            .into_response(None);
-        }
-    };
     let result = json!({
         "protocolVersion": version,
         "capabilities": capabilities(),
         "serverInfo": server_info(),
         "instructions": "Sentinel: tools of several MCP servers, with policy and audit.",
     });
-    Answer::ok(result_body(id, result)).into_response(Some(&token))
+    (state, result)
 }
 
-/// GET: the legacy listen stream, the union of the upstreams' streams.
-pub async fn get(State(st): State<Arc<AppState>>, headers: HeaderMap) -> Response {
-    let rid = request_id();
-    let resp = handle_get(&st, &headers).await;
-    with_request_id(resp, &rid)
-}
-
-async fn handle_get(st: &AppState, headers: &HeaderMap) -> Response {
-    let (snap, _principal, state) = match session_request(st, headers).await {
-        Ok(x) => x,
-        Err(r) => return r,
-    };
+/// The upstreams' own streams of a legacy session (GET listen streams; a
+/// stdio child's notifications), with request ids marked by upstream.
+pub(crate) async fn listen_all(
+    snap: &Snapshot,
+    state: &SessionState,
+) -> Vec<BoxStream<'static, Value>> {
     let opened = futures::future::join_all(state.upstreams.iter().filter_map(|u| {
         let b = snap.backend(&u.backend)?;
         Some(async move {
@@ -954,7 +982,22 @@ async fn handle_get(st: &AppState, headers: &HeaderMap) -> Response {
         })
     }))
     .await;
-    let streams: Vec<_> = opened.into_iter().flatten().collect();
+    opened.into_iter().flatten().collect()
+}
+
+/// GET: the legacy listen stream, the union of the upstreams' streams.
+pub async fn get(State(st): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    let rid = request_id();
+    let resp = handle_get(&st, &headers).await;
+    with_request_id(resp, &rid)
+}
+
+async fn handle_get(st: &AppState, headers: &HeaderMap) -> Response {
+    let (snap, _principal, state) = match session_request(st, headers).await {
+        Ok(x) => x,
+        Err(r) => return r,
+    };
+    let streams = listen_all(&snap, &state).await;
     if streams.is_empty() {
         return StatusCode::METHOD_NOT_ALLOWED.into_response();
     }
