@@ -1181,3 +1181,111 @@ impl StdioClient {
         panic!("no error answer");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_notifications_reach_the_client_on_the_listen_stream() {
+    use futures::StreamExt;
+    let p = peers();
+    let every = p.everything_http();
+    let (policy, keys) = policy(vec![http_backend("everything", &every.url())]);
+    let proxy = start(config(), Some(policy)).await;
+    let c = client();
+    let sid = legacy_initialize(&c, &proxy.url(), &keys.admin, "2025-06-18").await;
+    let level =
+        json!({"jsonrpc":"2.0","id":2,"method":"logging/setLevel","params":{"level":"debug"}});
+    let r = legacy_request(&c, &proxy.url(), &keys.admin, &sid, &level)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(rpc_answer(r).await["result"], json!({}));
+    let toggle = json!({"jsonrpc":"2.0","id":3,"method":"tools/call","params":{"name":"everything__toggle-simulated-logging","arguments":{}}});
+    let r = legacy_request(&c, &proxy.url(), &keys.admin, &sid, &toggle)
+        .send()
+        .await
+        .unwrap();
+    assert!(rpc_answer(r).await.get("result").is_some());
+    let listen = c
+        .get(proxy.url())
+        .header("accept", "text/event-stream")
+        .header("x-api-key", &keys.admin)
+        .header("mcp-session-id", &sid)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(listen.status(), 200);
+    assert_eq!(listen.headers()["x-accel-buffering"], "no");
+    let mut body = listen.bytes_stream();
+    let mut seen = String::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !seen.contains("notifications/message") {
+        match tokio::time::timeout_at(deadline, body.next()).await {
+            Ok(Some(Ok(chunk))) => seen.push_str(&String::from_utf8_lossy(&chunk)),
+            other => panic!("no notification on the listen stream: {other:?} after {seen}"),
+        }
+    }
+    // A listen stream with another principal's credential is refused.
+    let r = c
+        .get(proxy.url())
+        .header("x-api-key", &keys.reader)
+        .header("mcp-session-id", &sid)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_and_garbage_upstreams_are_upstream_errors() {
+    use axum::routing::post;
+    let app = axum::Router::new()
+        .route(
+            "/slow",
+            post(|| async {
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                "{}"
+            }),
+        )
+        .route("/garbage", post(|| async { "<html>not mcp</html>" }));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let mut slow = http_backend("slow", &format!("http://{addr}/slow"));
+    slow.timeout_ms = 300;
+    let garbage = http_backend("garbage", &format!("http://{addr}/garbage"));
+    let (policy, keys) = policy(vec![slow, garbage]);
+    let proxy = start(config(), Some(policy)).await;
+    let c = client();
+    for (i, name) in ["slow__x", "garbage__x"].iter().enumerate() {
+        let started = std::time::Instant::now();
+        let r = modern_request(
+            &c,
+            &proxy.url(),
+            Some(&keys.admin),
+            &modern_body(
+                i as u64,
+                "tools/call",
+                json!({"name": name, "arguments": {}}),
+            ),
+        )
+        .send()
+        .await
+        .unwrap();
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["error"]["code"], -32050, "{name}: {v}");
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "{name} took {:?}",
+            started.elapsed()
+        );
+    }
+    let events = proxy.sink.wait_for(2, Duration::from_secs(5)).await;
+    assert!(
+        events.iter().all(|e| outcome(e) == Outcome::UpstreamError),
+        "{events:?}"
+    );
+    assert!(
+        events[0].decision.contains("timed out"),
+        "{}",
+        events[0].decision
+    );
+}
