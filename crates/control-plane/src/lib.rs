@@ -12,6 +12,7 @@
 //! - [`local_pg`]: a throwaway Postgres from the local binaries;
 //! - [`testing`]: a fresh database per test.
 
+pub mod cli;
 pub mod config;
 pub mod db;
 pub mod error;

@@ -1,0 +1,558 @@
+//! `sentinelctl audit`: query, tail, export, verify, gaps.
+//!
+//! Queries go over gRPC, page by page; export and the live tail are REST
+//! streams, relayed as they arrive so an export of millions of events holds
+//! one chunk in memory at a time. Events are shown in the REST API's JSON
+//! shape ([`AuditEventView`]) whichever way they came.
+
+use std::collections::HashSet;
+use std::io::Write;
+use std::time::Duration;
+
+use clap::{Args, Subcommand, ValueEnum};
+use futures::StreamExt;
+use sentinel_shared::proto as pb;
+use serde_json::{Value, json};
+
+use super::conn::{self, Rest, root, status};
+use super::render::{self, Table};
+use super::{Ctx, Error, ExitCode, FilterArgs, RangeArgs, Result, fail};
+use crate::rest::audit::AuditEventView;
+use crate::store::audit::StoredEvent;
+
+/// Largest page the server gives.
+const MAX_PAGE: u32 = 1000;
+/// Largest SSE event we hold while reading it.
+const MAX_SSE_EVENT: usize = 16 * 1024 * 1024;
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCmd {
+    /// Events matching the filters, newest first.
+    Query(QueryArgs),
+    /// The most recent events; with --follow, new ones as they arrive
+    /// (until Ctrl-C).
+    Tail(TailArgs),
+    /// Every matching event as NDJSON or CSV on stdout, newest first.
+    Export(ExportArgs),
+    /// Re-check every stored hash chain. Exits 2 if tampering is found.
+    Verify {
+        /// Only this proxy's chains.
+        #[arg(long)]
+        proxy: Option<String>,
+    },
+    /// Sequence numbers missing from proxies' audit chains.
+    Gaps {
+        #[arg(long)]
+        proxy: Option<String>,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct QueryArgs {
+    #[command(flatten)]
+    pub range: RangeArgs,
+    #[command(flatten)]
+    pub filter: FilterArgs,
+    /// The most events to show (default 100, or all with --all).
+    #[arg(long)]
+    pub limit: Option<u64>,
+    /// Follow cursors to the last page.
+    #[arg(long)]
+    pub all: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct TailArgs {
+    #[command(flatten)]
+    pub filter: FilterArgs,
+    /// Recent events shown first.
+    #[arg(short = 'n', long, default_value_t = 10)]
+    pub lines: u32,
+    /// Keep printing new events as they are committed.
+    #[arg(short = 'f', long)]
+    pub follow: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ExportFormat {
+    Ndjson,
+    Csv,
+}
+
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    #[arg(long, value_enum, default_value_t = ExportFormat::Ndjson)]
+    pub format: ExportFormat,
+    #[command(flatten)]
+    pub range: RangeArgs,
+    #[command(flatten)]
+    pub filter: FilterArgs,
+    /// The most events to export (default: all).
+    #[arg(long)]
+    pub limit: Option<u64>,
+}
+
+pub async fn run(ctx: &Ctx, cmd: AuditCmd) -> Result<ExitCode> {
+    match cmd {
+        AuditCmd::Query(a) => query(ctx, a).await,
+        AuditCmd::Tail(a) => tail(ctx, a).await,
+        AuditCmd::Export(a) => export(ctx, a).await,
+        AuditCmd::Verify { proxy } => verify(ctx, proxy).await,
+        AuditCmd::Gaps { proxy } => gaps(ctx, proxy).await,
+    }
+}
+
+fn grpc_query(filter: &FilterArgs, from_us: Option<i64>, to_us: Option<i64>) -> pb::AuditQuery {
+    let f = filter.clone();
+    pb::AuditQuery {
+        from_us: from_us.unwrap_or(0),
+        to_us: to_us.unwrap_or(0),
+        subject: f.subject.unwrap_or_default(),
+        api_key_id: f.key.unwrap_or_default(),
+        role: f.role.unwrap_or_default(),
+        tool: f.tool.unwrap_or_default(),
+        backend: f.backend.unwrap_or_default(),
+        outcome: f.outcome.unwrap_or_default(),
+        proxy_id: f.proxy.unwrap_or_default(),
+        request_id: f.request_id.unwrap_or_default(),
+        session_id: f.session_id.unwrap_or_default(),
+        chain_broken_only: f.chain_broken_only,
+        limit: 0,
+        cursor: String::new(),
+    }
+}
+
+/// An event in the REST API's JSON shape.
+fn view(e: pb::StoredAuditEvent) -> Value {
+    let pb::StoredAuditEvent {
+        event,
+        received_at_us,
+        chain_ok,
+    } = e;
+    let v = AuditEventView::from(StoredEvent {
+        event: event.unwrap_or_default(),
+        received_at_us,
+        chain_ok,
+    });
+    serde_json::to_value(v).unwrap_or(Value::Null)
+}
+
+fn s<'a>(v: &'a Value, k: &str) -> &'a str {
+    v.get(k).and_then(Value::as_str).unwrap_or("")
+}
+
+fn n(v: &Value, k: &str) -> u64 {
+    v.get(k).and_then(Value::as_u64).unwrap_or(0)
+}
+
+fn tool_of(v: &Value) -> String {
+    match (s(v, "backend"), s(v, "tool")) {
+        ("", "") => s(v, "mcp_method").to_string(),
+        ("", t) => t.to_string(),
+        (b, "") => format!("{b}/"),
+        (b, t) => format!("{b}/{t}"),
+    }
+}
+
+/// The timestamp at seconds precision (the view's has microseconds).
+fn short_time(v: &Value) -> String {
+    match v.get("timestamp_us").and_then(Value::as_i64) {
+        Some(us) => render::time_us(us),
+        None => s(v, "timestamp").to_string(),
+    }
+}
+
+fn latency(v: &Value) -> String {
+    let us = n(v, "latency_us");
+    if us >= 10_000 {
+        format!("{}ms", us / 1000)
+    } else {
+        format!("{:.1}ms", us as f64 / 1000.0)
+    }
+}
+
+const COLUMNS: &[&str] = &[
+    "TIME", "OUTCOME", "SUBJECT", "ROLE", "KEY", "TOOL", "PROXY", "STATUS", "LATENCY", "REQUEST",
+];
+
+fn cells(v: &Value) -> Vec<String> {
+    let mut outcome = s(v, "outcome").to_string();
+    if v.get("chain_ok").and_then(Value::as_bool) == Some(false) {
+        outcome.push_str(" (chain broken)");
+    }
+    vec![
+        short_time(v),
+        outcome,
+        s(v, "subject").into(),
+        s(v, "role").into(),
+        s(v, "api_key_id").into(),
+        tool_of(v),
+        s(v, "proxy_id").into(),
+        n(v, "http_status").to_string(),
+        latency(v),
+        s(v, "request_id").into(),
+    ]
+}
+
+/// One event on one line, for streams (no look-ahead to align on).
+fn line(v: &Value) -> String {
+    let c: Vec<String> = cells(v).iter().map(|x| render::clean(x)).collect();
+    format!(
+        "{}  {:<15} {:<16} {:<10} {:<28} {:<14} {:>3} {:>8}  {}\n",
+        c[0], c[1], c[2], c[3], c[5], c[6], c[7], c[8], c[9]
+    )
+}
+
+async fn query(ctx: &Ctx, a: QueryArgs) -> Result<ExitCode> {
+    let QueryArgs {
+        range,
+        filter,
+        limit,
+        all,
+    } = a;
+    let filter = filter.normalized()?;
+    let (from_us, to_us) = range.resolve()?;
+    if limit == Some(0) {
+        return fail("--limit must be at least 1");
+    }
+    let mut remaining = limit.unwrap_or(if all { u64::MAX } else { 100 });
+    let mut q = grpc_query(&filter, from_us, to_us);
+    let mut admin = conn::admin(ctx).await?;
+    let mut events = Vec::new();
+    let mut more = false;
+    loop {
+        q.limit = u32::try_from(remaining.min(u64::from(MAX_PAGE))).unwrap_or(MAX_PAGE);
+        let page = admin
+            .query_audit(q.clone())
+            .await
+            .map_err(status)?
+            .into_inner();
+        remaining = remaining.saturating_sub(page.events.len() as u64);
+        events.extend(page.events.into_iter().map(view));
+        if page.next_cursor.is_empty() {
+            break;
+        }
+        if remaining == 0 || !all {
+            more = true;
+            break;
+        }
+        q.cursor = page.next_cursor;
+    }
+    if ctx.json() {
+        render::json(&json!({"events": events, "more": more}))?;
+    } else {
+        let mut t = Table::new(COLUMNS);
+        for e in &events {
+            t.row(cells(e));
+        }
+        if t.is_empty() {
+            render::note("no events");
+        } else {
+            t.print()?;
+        }
+        if more && !all {
+            render::note("(more events: --all to page through them, or narrow the filters)");
+        }
+    }
+    Ok(0)
+}
+
+async fn tail(ctx: &Ctx, a: TailArgs) -> Result<ExitCode> {
+    let TailArgs {
+        filter,
+        lines,
+        follow,
+    } = a;
+    let filter = filter.normalized()?;
+    // The live stream opens first: it starts at the server's clock, so an
+    // event committed while the recent ones are read is in the stream
+    // (and skipped there if it was already shown), never in neither.
+    let rest = if follow { Some(Rest::new(ctx)?) } else { None };
+    let mut stream = match &rest {
+        Some(r) => Some(open_tail(r, &filter, None).await?),
+        None => None,
+    };
+    let mut shown = HashSet::new();
+    if lines > 0 {
+        let mut q = grpc_query(&filter, None, None);
+        q.limit = lines.min(MAX_PAGE);
+        let mut admin = conn::admin(ctx).await?;
+        let page = admin.query_audit(q).await.map_err(status)?.into_inner();
+        for e in page.events.into_iter().rev() {
+            let v = view(e);
+            shown.insert(s(&v, "event_id").to_string());
+            print_event(ctx, &v)?;
+        }
+    }
+    let (Some(rest), Some(first)) = (rest, stream.take()) else {
+        return Ok(0);
+    };
+    let mut resp = first;
+    let mut last_id: Option<String> = None;
+    loop {
+        tokio::select! {
+            r = relay(ctx, resp, &shown, &mut last_id) => r?,
+            _ = tokio::signal::ctrl_c() => return Ok(0),
+        }
+        // The server ends a tail after an hour, or when it shuts down:
+        // resume where this one stopped.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        resp = tokio::select! {
+            r = open_tail(&rest, &filter, last_id.clone()) => r?,
+            _ = tokio::signal::ctrl_c() => return Ok(0),
+        };
+    }
+}
+
+fn print_event(ctx: &Ctx, v: &Value) -> Result<()> {
+    if ctx.json() {
+        render::json_line(v)
+    } else {
+        render::out(&line(v))
+    }
+}
+
+async fn open_tail(
+    rest: &Rest,
+    filter: &FilterArgs,
+    last_id: Option<String>,
+) -> Result<reqwest::Response> {
+    let headers: Vec<(&str, String)> = last_id
+        .map(|id| vec![("last-event-id", id)])
+        .unwrap_or_default();
+    rest.get("/api/v1/audit/tail", &filter.query_pairs(), &headers, None)
+        .await
+}
+
+/// Prints the events of one SSE response until the server ends it.
+async fn relay(
+    ctx: &Ctx,
+    resp: reqwest::Response,
+    skip: &HashSet<String>,
+    last_id: &mut Option<String>,
+) -> Result<()> {
+    let mut body = resp.bytes_stream();
+    let mut buf: Vec<u8> = Vec::new();
+    let mut ev = SseEvent::default();
+    while let Some(chunk) = body.next().await {
+        let chunk =
+            chunk.map_err(|e| Error::Message(format!("live tail interrupted: {}", root(&e))))?;
+        buf.extend_from_slice(&chunk);
+        while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
+            let raw: Vec<u8> = buf.drain(..=pos).collect();
+            let text = String::from_utf8_lossy(&raw);
+            let l = text.trim_end_matches(['\n', '\r']);
+            if l.is_empty() {
+                let done = std::mem::take(&mut ev);
+                if let Some(id) = &done.id {
+                    *last_id = Some(id.clone());
+                }
+                dispatch(ctx, done, skip)?;
+                continue;
+            }
+            ev.field(l);
+        }
+        if buf.len() > MAX_SSE_EVENT || ev.data.len() > MAX_SSE_EVENT {
+            return fail("live tail: the server sent an oversized event");
+        }
+    }
+    Ok(())
+}
+
+#[derive(Default)]
+struct SseEvent {
+    event: String,
+    data: String,
+    id: Option<String>,
+}
+
+impl SseEvent {
+    fn field(&mut self, l: &str) {
+        if l.starts_with(':') {
+            return; // a comment: keep-alive
+        }
+        let (name, value) = match l.split_once(':') {
+            Some((n, v)) => (n, v.strip_prefix(' ').unwrap_or(v)),
+            None => (l, ""),
+        };
+        match name {
+            "event" => self.event = value.to_string(),
+            "id" => self.id = Some(value.to_string()),
+            "data" => {
+                if !self.data.is_empty() {
+                    self.data.push('\n');
+                }
+                self.data.push_str(value);
+            }
+            _ => {}
+        }
+    }
+}
+
+fn dispatch(ctx: &Ctx, ev: SseEvent, skip: &HashSet<String>) -> Result<()> {
+    if ev.data.is_empty() {
+        return Ok(());
+    }
+    match ev.event.as_str() {
+        "audit" | "" | "message" => {
+            let Ok(v) = serde_json::from_str::<Value>(&ev.data) else {
+                render::note("live tail: skipped an event that is not JSON");
+                return Ok(());
+            };
+            if skip.contains(s(&v, "event_id")) {
+                return Ok(());
+            }
+            print_event(ctx, &v)
+        }
+        "error" => {
+            let msg = serde_json::from_str::<Value>(&ev.data)
+                .ok()
+                .and_then(|v| v.get("error").and_then(Value::as_str).map(str::to_string))
+                .unwrap_or(ev.data);
+            render::note(&format!(
+                "live tail: server error: {} (still following)",
+                render::clean(&msg)
+            ));
+            Ok(())
+        }
+        _ => Ok(()),
+    }
+}
+
+async fn export(ctx: &Ctx, a: ExportArgs) -> Result<ExitCode> {
+    let ExportArgs {
+        format,
+        range,
+        filter,
+        limit,
+    } = a;
+    let filter = filter.normalized()?;
+    let (from_us, to_us) = range.resolve()?;
+    let mut q = filter.query_pairs();
+    q.push((
+        "format",
+        match format {
+            ExportFormat::Ndjson => "ndjson",
+            ExportFormat::Csv => "csv",
+        }
+        .into(),
+    ));
+    if let Some(us) = from_us {
+        q.push(("from", render::time_us_precise(us)));
+    }
+    if let Some(us) = to_us {
+        q.push(("to", render::time_us_precise(us)));
+    }
+    if let Some(l) = limit {
+        if l == 0 {
+            return fail("--limit must be at least 1");
+        }
+        q.push(("limit", l.min(u64::from(u32::MAX)).to_string()));
+    }
+    let rest = Rest::new(ctx)?;
+    let resp = rest.get("/api/v1/audit/export", &q, &[], None).await?;
+    let mut body = resp.bytes_stream();
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.map_err(|e| {
+            Error::Message(format!(
+                "export interrupted, output is incomplete: {}",
+                root(&e)
+            ))
+        })?;
+        let mut o = std::io::stdout().lock();
+        o.write_all(&chunk)?;
+        o.flush()?;
+    }
+    Ok(0)
+}
+
+async fn verify(ctx: &Ctx, proxy: Option<String>) -> Result<ExitCode> {
+    let q: Vec<(&str, String)> = proxy.into_iter().map(|p| ("proxy_id", p)).collect();
+    let rest = Rest::new(ctx)?;
+    let v = rest.get_json("/api/v1/audit/verify", &q).await?;
+    let ok = v.get("ok").and_then(Value::as_bool).unwrap_or(false);
+    if ctx.json() {
+        render::json(&v)?;
+    } else {
+        let problems: Vec<&str> = v
+            .get("problems")
+            .and_then(Value::as_array)
+            .map(|a| a.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        let mut out = String::new();
+        for p in &problems {
+            out.push_str(&render::clean(p));
+            out.push('\n');
+        }
+        out.push_str(&format!(
+            "{}: {} chain(s), {} event(s) checked{}\n",
+            if ok { "ok" } else { "TAMPERING DETECTED" },
+            n(&v, "chains"),
+            n(&v, "events"),
+            if ok {
+                String::new()
+            } else {
+                format!(", {} problem(s)", problems.len())
+            }
+        ));
+        render::out(&out)?;
+    }
+    Ok(if ok { 0 } else { 2 })
+}
+
+async fn gaps(ctx: &Ctx, proxy: Option<String>) -> Result<ExitCode> {
+    let q: Vec<(&str, String)> = proxy.into_iter().map(|p| ("proxy_id", p)).collect();
+    let rest = Rest::new(ctx)?;
+    let v = rest.get_json("/api/v1/audit/gaps", &q).await?;
+    if ctx.json() {
+        render::json(&v)?;
+        return Ok(0);
+    }
+    let mut t = Table::new(&["PROXY", "EPOCH", "MISSING", "DETECTED"]);
+    for g in v
+        .get("gaps")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let (a, b) = (n(g, "from_seq"), n(g, "to_seq"));
+        t.row(vec![
+            s(g, "proxy_id").into(),
+            n(g, "epoch").to_string(),
+            if a == b {
+                format!("{a}")
+            } else {
+                format!("{a}-{b} ({} events)", b.saturating_sub(a) + 1)
+            },
+            s(g, "detected_at").into(),
+        ]);
+    }
+    if t.is_empty() {
+        render::note("no gaps");
+    } else {
+        t.print()?;
+    }
+    Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sse_fields() {
+        let mut e = SseEvent::default();
+        for l in [
+            ": keep-alive",
+            "event: audit",
+            "id: 1.x",
+            "data: {\"a\":",
+            "data: 1}",
+        ] {
+            e.field(l);
+        }
+        assert_eq!(e.event, "audit");
+        assert_eq!(e.id.as_deref(), Some("1.x"));
+        assert_eq!(e.data, "{\"a\":\n1}");
+    }
+}
