@@ -1289,3 +1289,40 @@ async fn slow_and_garbage_upstreams_are_upstream_errors() {
         events[0].decision
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn modern_subscription_stream_is_relayed() {
+    use futures::StreamExt;
+    let p = peers();
+    let py = p.python_upstream();
+    let (policy, keys) = policy(vec![http_backend("py", &py.url())]);
+    let proxy = start(config(), Some(policy)).await;
+    let c = client();
+    let listen = modern_body(
+        1,
+        "subscriptions/listen",
+        json!({"notifications": {"toolsListChanged": true}}),
+    );
+    let r = modern_request(&c, &proxy.url(), Some(&keys.admin), &listen)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(
+        r.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream")
+    );
+    let mut body = r.bytes_stream();
+    let mut seen = String::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !seen.contains("notifications/subscriptions/acknowledged") {
+        match tokio::time::timeout_at(deadline, body.next()).await {
+            Ok(Some(Ok(chunk))) => seen.push_str(&String::from_utf8_lossy(&chunk)),
+            other => panic!("no acknowledgment: {other:?} after {seen}"),
+        }
+    }
+    // Dropping the stream closes it toward the upstream as well.
+    drop(body);
+}

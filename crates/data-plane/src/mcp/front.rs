@@ -365,11 +365,44 @@ impl Call<'_> {
         answer
     }
 
+    /// A 2026-07-28 `subscriptions/listen`: the union of the streams of the
+    /// upstreams that speak 2026-07-28, relayed as they come (closing the
+    /// client's stream closes the upstreams'). Legacy upstreams have no such
+    /// stream for a stateless client.
+    async fn listen_modern(&self, id: Value, msg: &Value) -> Answer {
+        let mut streams = Vec::new();
+        let mut single = None;
+        for b in &self.snap.backends {
+            if b.upstream.stateless_is_legacy().await {
+                continue;
+            }
+            match b.upstream.send(msg, Route::Stateless).await {
+                Ok(Reply::Stream(s)) => streams.push(s.filter_map(|m| async { m.ok() }).boxed()),
+                Ok(Reply::Json(v)) => single = Some(v),
+                Ok(Reply::Accepted) => {}
+                Err(e) => tracing::warn!(backend = %b.name, error = %e, "listen failed"),
+            }
+        }
+        if streams.is_empty() {
+            return match single {
+                Some(v) => Answer::ok(v),
+                None => Answer::error(
+                    id,
+                    ProxyError::MethodNotFound(
+                        "subscriptions/listen (no upstream offers it)".into(),
+                    ),
+                ),
+            };
+        }
+        Answer::Stream(futures::stream::select_all(streams).boxed())
+    }
+
     /// Methods the proxy answers itself.
     async fn local(&self, method: &str, id: Value, msg: &Value) -> Answer {
         match method {
             "ping" => Answer::ok(result_body(id, json!({}))),
             "server/discover" => Answer::ok(result_body(id, discover_result())),
+            "subscriptions/listen" if self.is_modern() => self.listen_modern(id, msg).await,
             "logging/setLevel" => {
                 self.broadcast(msg).await;
                 Answer::ok(result_body(id, json!({})))

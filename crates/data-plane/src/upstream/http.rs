@@ -310,10 +310,11 @@ impl HttpUpstream {
             return Ok((Reply::Accepted, session_id));
         }
         if status.is_success() && is_sse(resp.headers()) {
-            return Ok((
-                Reply::Stream(sse_messages(resp, Some(self.timeout))),
-                session_id,
-            ));
+            // A subscription stream is quiet for as long as nothing changes:
+            // no idle timeout for it.
+            let idle = (msg.get("method").and_then(Value::as_str) != Some("subscriptions/listen"))
+                .then_some(self.timeout);
+            return Ok((Reply::Stream(sse_messages(resp, idle)), session_id));
         }
         let bytes = tokio::time::timeout(self.timeout, read_bounded(resp))
             .await
