@@ -22,6 +22,7 @@ use crate::error::ProxyError;
 use crate::gate::authz::authorize;
 use crate::mcp::federation::{self, ListKind};
 use crate::mcp::front::{Answer, Call, Relay};
+use crate::upstream::Reply;
 
 /// A tools/call through all the gates. `msg` is the client's request.
 pub async fn tools_call(call: &Call<'_>, mut msg: Value) -> Answer {
@@ -142,6 +143,32 @@ pub async fn route_named(
         Answer::error(id.clone(), err)
     };
     let Some((backend, name)) = call.resolve(kind, &shown).await else {
+        // A URI no list showed (e.g. one built from a template): ask each
+        // upstream in turn; the first that answers with a result owns it.
+        if kind == ListKind::Resources {
+            for b in &call.snap.backends {
+                let Ok(route) = call.route(b) else { continue };
+                let Ok(reply) = b.upstream.send(&msg, route).await else {
+                    continue;
+                };
+                if let Ok(answer) = reply.response_to(&id, b.timeout).await
+                    && answer.get("result").is_some()
+                {
+                    let mut relay = Relay {
+                        backend: b.name.clone(),
+                        id: id.clone(),
+                        add_result_type: call.is_modern() && b.upstream.stateless_is_legacy().await,
+                        cacheable: true,
+                        audit: audit.take(),
+                        timeout: b.timeout,
+                    };
+                    if let Some(a) = relay.audit.as_mut() {
+                        a.tool(&b.name, &shown);
+                    }
+                    return relay.answer(Reply::Json(answer));
+                }
+            }
+        }
         return fail(
             audit,
             ProxyError::InvalidParams(format!("unknown {key} '{shown}'")),

@@ -1326,3 +1326,69 @@ async fn modern_subscription_stream_is_relayed() {
     // Dropping the stream closes it toward the upstream as well.
     drop(body);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prompts_and_resources_are_federated_and_routed() {
+    let p = peers();
+    let every = p.everything_http();
+    let py = p.python_upstream();
+    let (policy, keys) = policy(vec![
+        http_backend("everything", &every.url()),
+        http_backend("py", &py.url()),
+    ]);
+    let proxy = start(config(), Some(policy)).await;
+    let c = client();
+    let url = proxy.url();
+    let sid = legacy_initialize(&c, &url, &keys.admin, "2025-06-18").await;
+    let rpc = |id: u64, method: &str, params: Value| {
+        let c = c.clone();
+        let url = url.clone();
+        let sid = sid.clone();
+        let key = keys.admin.clone();
+        let body = json!({"jsonrpc":"2.0","id":id,"method":method,"params":params});
+        async move {
+            rpc_answer(
+                legacy_request(&c, &url, &key, &sid, &body)
+                    .send()
+                    .await
+                    .unwrap(),
+            )
+            .await
+        }
+    };
+    let prompts = rpc(1, "prompts/list", json!({})).await;
+    let list = prompts["result"]["prompts"].as_array().expect("prompts");
+    let simple = list
+        .iter()
+        .find(|p| p["arguments"].as_array().is_none_or(|a| a.is_empty()))
+        .expect("a prompt without arguments");
+    let name = simple["name"].as_str().unwrap();
+    assert!(name.starts_with("everything__"), "{name}");
+    let got = rpc(2, "prompts/get", json!({"name": name})).await;
+    assert!(got["result"]["messages"].is_array(), "{got}");
+    let resources = rpc(3, "resources/list", json!({})).await;
+    let uri = resources["result"]["resources"][0]["uri"]
+        .as_str()
+        .expect("a resource")
+        .to_string();
+    let read = rpc(4, "resources/read", json!({"uri": uri})).await;
+    assert_eq!(read["result"]["contents"][0]["uri"], uri.as_str(), "{read}");
+    // A URI that no list showed is found by asking the upstreams in turn.
+    let templates = rpc(5, "resources/templates/list", json!({})).await;
+    assert!(
+        templates["result"]["resourceTemplates"].is_array(),
+        "{templates}"
+    );
+    let dynamic = rpc(
+        7,
+        "resources/read",
+        json!({"uri": "demo://resource/dynamic/text/7"}),
+    )
+    .await;
+    assert_eq!(
+        dynamic["result"]["contents"][0]["uri"], "demo://resource/dynamic/text/7",
+        "{dynamic}"
+    );
+    let unknown = rpc(6, "resources/read", json!({"uri": "nothing://here"})).await;
+    assert!(unknown.get("error").is_some(), "{unknown}");
+}
