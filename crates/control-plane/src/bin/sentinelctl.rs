@@ -5,8 +5,23 @@
 use clap::Parser;
 use sentinel_control_plane::cli::{self, Cli, Error};
 
+/// Bad usage (an unknown flag, a missing argument). Not clap's default 2,
+/// which `audit verify` keeps for "tampering found".
+const EXIT_USAGE: u8 = 64;
+
 fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            // `--help` and `--version` are reported as "errors" on stdout.
+            return if e.use_stderr() {
+                std::process::ExitCode::from(EXIT_USAGE)
+            } else {
+                std::process::ExitCode::SUCCESS
+            };
+        }
+    };
     // Both ring and aws-lc may be compiled in; say which one builds TLS
     // configs, or the first https:// connection panics. An error means a
     // provider is already installed, which is as good.

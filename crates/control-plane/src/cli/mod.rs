@@ -12,7 +12,7 @@
 //! - [`keys`], [`policy`], [`audit`], [`fleet`], [`can_i`]: the commands.
 //!
 //! Exit codes: 0 success; 1 failure, or "no" from `can-i`; 2 when
-//! `audit verify` finds tampering (and on usage errors, from clap).
+//! `audit verify` finds tampering; 64 on bad usage.
 
 pub mod audit;
 pub mod can_i;
@@ -82,8 +82,8 @@ pub struct Cli {
     /// The admin token.
     #[arg(long, env = "SENTINEL_TOKEN", hide_env_values = true, global = true)]
     pub token: Option<String>,
-    /// PEM file of the CA that signed the control plane's certificate, for
-    /// https:// addresses.
+    /// PEM file of the CA that signed the control plane's certificate:
+    /// needed for https:// addresses (no system roots are loaded).
     #[arg(long, env = "SENTINEL_CA_CERT", global = true)]
     pub ca_cert: Option<PathBuf>,
     /// Output format.

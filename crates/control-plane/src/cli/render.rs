@@ -122,7 +122,9 @@ pub fn fields(pairs: &[(&str, String)]) -> String {
     let w = pairs.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
     let mut s = String::new();
     for (k, v) in pairs {
-        let _ = writeln!(s, "{k:<w$}  {}", clean(v), w = w + 1);
+        let line = format!("{k:<w$}  {}", clean(v), w = w + 1);
+        s.push_str(line.trim_end());
+        s.push('\n');
     }
     s
 }
