@@ -1,7 +1,8 @@
 //! Prometheus metrics: one recorder per process, rendered on `/metrics`.
 //!
 //! Metric names: `sentinel_tool_calls_total{outcome}`,
-//! `sentinel_tool_call_seconds{outcome}`, `sentinel_policy_version`.
+//! `sentinel_tool_call_seconds{outcome}`, `sentinel_policy_version`,
+//! `sentinel_upstream_requests_total{backend,result}`.
 
 use std::sync::OnceLock;
 

@@ -98,14 +98,20 @@ pub async fn tools_call(call: &Call<'_>, mut msg: Value) -> Answer {
     };
     match backend.upstream.send(&msg, route).await {
         Ok(reply) => {
-            let relay = Relay {
+            let mut relay = Relay {
                 backend: backend.name.clone(),
                 id,
                 add_result_type: call.is_modern() && backend.upstream.stateless_is_legacy().await,
                 cacheable: false,
                 audit: Some(audit),
                 timeout: backend.timeout,
+                cancel: None,
             };
+            // In a legacy session a client that goes away mid-call is
+            // answered for by a cancellation toward the upstream.
+            if let crate::upstream::Route::Session(s) = route {
+                relay.cancel = Some((backend.upstream.clone(), s.clone()));
+            }
             relay.answer(reply)
         }
         Err(e) => {
@@ -161,6 +167,7 @@ pub async fn route_named(
                         cacheable: true,
                         audit: audit.take(),
                         timeout: b.timeout,
+                        cancel: None,
                     };
                     if let Some(a) = relay.audit.as_mut() {
                         a.tool(&b.name, &shown);
@@ -192,6 +199,7 @@ pub async fn route_named(
             cacheable: matches!(kind, ListKind::Resources),
             audit,
             timeout: backend.timeout,
+            cancel: None,
         }
         .answer(reply),
         Err(e) => fail(audit, ProxyError::Upstream(e)),

@@ -1392,3 +1392,77 @@ async fn prompts_and_resources_are_federated_and_routed() {
     let unknown = rpc(6, "resources/read", json!({"uri": "nothing://here"})).await;
     assert!(unknown.get("error").is_some(), "{unknown}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_leaving_mid_call_cancels_it_upstream_and_leaves_an_unknown_event() {
+    use axum::body::Body;
+    use axum::routing::post;
+    use futures::StreamExt;
+    let seen: Arc<std::sync::Mutex<Vec<Value>>> = Default::default();
+    let s2 = seen.clone();
+    let app = axum::Router::new().route(
+        "/mcp",
+        post(move |body: String| {
+            let seen = s2.clone();
+            async move {
+                let v: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+                seen.lock().unwrap().push(v.clone());
+                let id = v["id"].clone();
+                match v["method"].as_str() {
+                    Some("initialize") => axum::response::Response::builder()
+                        .header("content-type", "application/json")
+                        .header("mcp-session-id", "up-1")
+                        .body(Body::from(json!({"jsonrpc":"2.0","id":id,"result":{"protocolVersion":"2025-06-18","capabilities":{"tools":{}},"serverInfo":{"name":"hang","version":"1"}}}).to_string()))
+                        .unwrap(),
+                    // A tool call that reports progress once and never ends.
+                    Some("tools/call") => {
+                        let first = format!("event: message\ndata: {}\n\n", json!({"jsonrpc":"2.0","method":"notifications/progress","params":{"progressToken":"p","progress":1}}));
+                        let body = futures::stream::once(async move { Ok::<_, std::io::Error>(first) }).chain(futures::stream::pending());
+                        axum::response::Response::builder()
+                            .header("content-type", "text/event-stream")
+                            .body(Body::from_stream(body))
+                            .unwrap()
+                    }
+                    _ => axum::response::Response::builder().status(202).body(Body::empty()).unwrap(),
+                }
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let mut backend = http_backend("hang", &format!("http://{addr}/mcp"));
+    backend.timeout_ms = 60_000;
+    let (policy, keys) = policy(vec![backend]);
+    let proxy = start(config(), Some(policy)).await;
+    let c = client();
+    let sid = legacy_initialize(&c, &proxy.url(), &keys.admin, "2025-06-18").await;
+    let call = json!({"jsonrpc":"2.0","id":"call-1","method":"tools/call","params":{"name":"hang__forever","arguments":{},"_meta":{"progressToken":"p"}}});
+    let r = legacy_request(&c, &proxy.url(), &keys.admin, &sid, &call)
+        .send()
+        .await
+        .unwrap();
+    let mut body = r.bytes_stream();
+    let first = tokio::time::timeout(Duration::from_secs(10), body.next())
+        .await
+        .expect("progress in time");
+    assert!(String::from_utf8_lossy(&first.unwrap().unwrap()).contains("notifications/progress"));
+    drop(body);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let cancelled = seen.lock().unwrap().iter().any(|m| {
+            m["method"] == "notifications/cancelled" && m["params"]["requestId"] == "call-1"
+        });
+        if cancelled {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no cancellation reached the upstream"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let events = proxy.sink.wait_for(1, Duration::from_secs(5)).await;
+    assert_eq!(outcome(&events[0]), Outcome::Unknown);
+    assert_eq!(proxy.sink.attempts().len(), 1);
+}

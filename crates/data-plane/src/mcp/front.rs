@@ -466,6 +466,31 @@ pub struct Relay {
     /// The call's audit, finished when the response passes by.
     pub audit: Option<CallAudit>,
     pub timeout: std::time::Duration,
+    /// Where `notifications/cancelled` goes if the client leaves before the
+    /// answer: the upstream and its legacy session. (In 2026-07-28, closing
+    /// the stream is itself the cancellation.) Taken once the answer passed.
+    pub cancel: Option<(
+        Arc<crate::upstream::Upstream>,
+        crate::mcp::session::UpstreamSession,
+    )>,
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        let Some((upstream, session)) = self.cancel.take() else {
+            return;
+        };
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let note = json!({"jsonrpc": "2.0", "method": "notifications/cancelled",
+            "params": {"requestId": self.id, "reason": "the client closed the stream"}});
+        rt.spawn(async move {
+            if let Err(e) = upstream.send(&note, Route::Session(&session)).await {
+                tracing::debug!(error = %e, "cancellation not delivered");
+            }
+        });
+    }
 }
 
 impl Relay {
@@ -488,6 +513,7 @@ impl Relay {
             if let Some(a) = self.audit.take() {
                 a.finish(200, &msg);
             }
+            self.cancel = None;
         }
         msg
     }
@@ -496,6 +522,7 @@ impl Relay {
         match reply {
             Reply::Json(v) if v.is_object() => Answer::ok(self.transform(v)),
             Reply::Json(_) | Reply::Accepted => {
+                self.cancel = None;
                 let err = ProxyError::Upstream(UpstreamError::Garbage(
                     "no response to the request".into(),
                 ));
@@ -517,6 +544,7 @@ impl Relay {
                     Some((out, (s, Some(relay))))
                 }
                 Some(Err(e)) => {
+                    relay.cancel = None;
                     let err = ProxyError::Upstream(e);
                     let body = error_body(relay.id.clone(), err.code(), &err.client_message());
                     if let Some(a) = relay.audit.take() {
@@ -528,6 +556,7 @@ impl Relay {
                     }
                 }
                 None => {
+                    relay.cancel = None;
                     if let Some(a) = relay.audit.take() {
                         let err = ProxyError::Upstream(UpstreamError::Garbage(
                             "stream ended without a response".into(),

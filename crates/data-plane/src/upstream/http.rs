@@ -93,6 +93,10 @@ impl HttpUpstream {
         })
     }
 
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
     pub async fn send(&self, msg: &Value, route: Route<'_>) -> Result<Reply, UpstreamError> {
         match route {
             Route::Session(s) => self

@@ -170,10 +170,26 @@ impl Upstream {
 
     /// Sends a request, notification or response.
     pub async fn send(&self, msg: &Value, route: Route<'_>) -> Result<Reply, UpstreamError> {
-        match self {
+        let r = match self {
             Upstream::Http(h) => h.send(msg, route).await,
             Upstream::Stdio(s) => s.send(msg).await,
             Upstream::Unavailable { reason, .. } => Err(UpstreamError::Unavailable(reason.clone())),
+        };
+        // Upstream health as the request path sees it.
+        metrics::counter!(
+            "sentinel_upstream_requests_total",
+            "backend" => self.name().to_string(),
+            "result" => if r.is_ok() { "ok" } else { "error" }
+        )
+        .increment(1);
+        r
+    }
+
+    pub fn name(&self) -> &str {
+        match self {
+            Upstream::Http(h) => h.name(),
+            Upstream::Stdio(s) => s.name(),
+            Upstream::Unavailable { name, .. } => name,
         }
     }
 

@@ -53,6 +53,10 @@ impl StdioUpstream {
         }
     }
 
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
     pub async fn open_session(&self) -> Result<UpstreamSession, UpstreamError> {
         let child = self.child().await?;
         let version = match child.protocol_version.lock() {
