@@ -26,6 +26,7 @@ struct Cp {
     grpc: SocketAddr,
     http: SocketAddr,
     shutdown: CancellationToken,
+    task: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Drop for Cp {
@@ -34,7 +35,30 @@ impl Drop for Cp {
     }
 }
 
+impl Cp {
+    /// Shuts the control plane down and waits until its ports are closed.
+    async fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(t) = self.task.take() {
+            tokio::time::timeout(Duration::from_secs(20), t)
+                .await
+                .expect("control plane stopped within 20 s")
+                .unwrap();
+        }
+    }
+}
+
 async fn start_cp(db: &TestDb) -> Cp {
+    let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    start_cp_on(db, grpc, http).await
+}
+
+async fn start_cp_on(
+    db: &TestDb,
+    grpc: tokio::net::TcpListener,
+    http: tokio::net::TcpListener,
+) -> Cp {
     let mut config = Config {
         database_url: db.url.clone(),
         instance_id: "cp-cli".into(),
@@ -44,19 +68,20 @@ async fn start_cp(db: &TestDb) -> Cp {
     };
     config.sync.reload_interval_secs = 3600;
     config.finish().unwrap();
-    let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let cp = Cp {
-        grpc: grpc.local_addr().unwrap(),
-        http: http.local_addr().unwrap(),
-        shutdown: CancellationToken::new(),
-    };
-    let shutdown = cp.shutdown.clone();
-    tokio::spawn(async move {
-        if let Err(e) = server::run(config, Listeners { grpc, http }, None, shutdown).await {
+    let shutdown = CancellationToken::new();
+    let (grpc_addr, http_addr) = (grpc.local_addr().unwrap(), http.local_addr().unwrap());
+    let stop = shutdown.clone();
+    let task = tokio::spawn(async move {
+        if let Err(e) = server::run(config, Listeners { grpc, http }, None, stop).await {
             panic!("control plane failed: {e}");
         }
     });
+    let cp = Cp {
+        grpc: grpc_addr,
+        http: http_addr,
+        shutdown,
+        task: Some(task),
+    };
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         if let Ok(ch) = Channel::from_shared(format!("http://{}", cp.grpc))
@@ -78,6 +103,18 @@ async fn start_cp(db: &TestDb) -> Cp {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     cp
+}
+
+/// Binds `addr` again once the previous owner has let it go.
+async fn rebind(addr: SocketAddr) -> tokio::net::TcpListener {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => return l,
+            Err(e) => assert!(Instant::now() < deadline, "cannot rebind {addr}: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// What one run of the binary did.
@@ -786,4 +823,49 @@ async fn fleet_lists_proxies_with_versions_heartbeats_and_backlog() {
     );
     assert!(row.contains("ago"), "{row}");
     drop(tx);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_tail_resumes_across_a_control_plane_restart() {
+    let db = TestDb::new().await;
+    let cp = start_cp(&db).await;
+    let mut events = chain("proxy-1", 1, 4);
+    let down = events.split_off(2);
+    let live = events.split_off(1);
+    db.store.ingest_batch("proxy-1", events).await.unwrap();
+
+    let mut c = command(&cp, ADMIN);
+    c.args(["audit", "tail", "--follow", "-n", "1", "-o", "json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut next = async || {
+        let l = tokio::time::timeout(Duration::from_secs(30), out.next_line())
+            .await
+            .expect("a live event within 30 s")
+            .unwrap()
+            .expect("the tail is still running");
+        let v: serde_json::Value = serde_json::from_str(&l).unwrap();
+        v["request_id"].as_str().unwrap().to_string()
+    };
+    // The recent event is read after the live stream opened: once it is
+    // shown, the stream is there to see the next.
+    assert_eq!(next().await, "proxy-1-req-1");
+    db.store.ingest_batch("proxy-1", live).await.unwrap();
+    assert_eq!(next().await, "proxy-1-req-2");
+
+    // The control plane goes away; events are committed while it is down
+    // (through another instance, say); it comes back on the same ports.
+    let (grpc, http) = (cp.grpc, cp.http);
+    cp.stop().await;
+    db.store.ingest_batch("proxy-1", down).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let _cp = start_cp_on(&db, rebind(grpc).await, rebind(http).await).await;
+    assert_eq!(next().await, "proxy-1-req-3");
+    assert_eq!(next().await, "proxy-1-req-4");
+    child.start_kill().unwrap();
+    let done = child.wait_with_output().await.unwrap();
+    let stderr = String::from_utf8_lossy(&done.stderr);
+    assert!(stderr.contains("reconnecting"), "{stderr}");
 }

@@ -22,6 +22,10 @@ use crate::store::audit::StoredEvent;
 
 /// Largest page the server gives.
 const MAX_PAGE: u32 = 1000;
+/// Attempts to reopen a live tail the server ended (about half a minute
+/// in all) before giving up.
+const RECONNECT_TRIES: u32 = 8;
+const RECONNECT_MAX_DELAY: Duration = Duration::from_secs(5);
 /// Largest SSE event we hold while reading it.
 const MAX_SSE_EVENT: usize = 16 * 1024 * 1024;
 
@@ -290,16 +294,41 @@ async fn tail(ctx: &Ctx, a: TailArgs) -> Result<ExitCode> {
     let mut resp = first;
     let mut last_id: Option<String> = None;
     loop {
-        tokio::select! {
-            r = relay(ctx, resp, &shown, &mut last_id) => r?,
+        let ended = tokio::select! {
+            r = relay(ctx, resp, &shown, &mut last_id) => r,
             _ = tokio::signal::ctrl_c() => return Ok(0),
+        };
+        match ended {
+            Ok(()) => {}
+            // Our own output failing is final; the stream failing is not.
+            Err(e @ Error::Output(_)) => return Err(e),
+            Err(Error::Message(m)) => render::note(&m),
         }
-        // The server ends a tail after an hour, or when it shuts down:
-        // resume where this one stopped.
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        resp = tokio::select! {
-            r = open_tail(&rest, &filter, last_id.clone()) => r?,
-            _ = tokio::signal::ctrl_c() => return Ok(0),
+        // The server ends a tail after an hour, or when it shuts down (a
+        // restart, an upgrade): resume after the last event shown, so
+        // nothing committed meanwhile is missed.
+        let mut delay = Duration::from_millis(500);
+        let mut attempt = 0;
+        resp = loop {
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                _ = tokio::signal::ctrl_c() => return Ok(0),
+            }
+            let opened = tokio::select! {
+                r = open_tail(&rest, &filter, last_id.clone()) => r,
+                _ = tokio::signal::ctrl_c() => return Ok(0),
+            };
+            match opened {
+                Ok(r) => break r,
+                Err(e) if attempt + 1 >= RECONNECT_TRIES => return Err(e),
+                Err(e) => {
+                    if attempt == 0 {
+                        render::note(&format!("live tail: {e}; reconnecting"));
+                    }
+                    attempt += 1;
+                    delay = (delay * 2).min(RECONNECT_MAX_DELAY);
+                }
+            }
         };
     }
 }

@@ -43,9 +43,11 @@ fn read_ca(ctx: &Ctx) -> Result<Option<Vec<u8>>> {
 /// Connects to the gRPC admin service.
 pub async fn admin(ctx: &Ctx) -> Result<Admin> {
     let token = ctx.token()?;
-    let value: MetadataValue<Ascii> = format!("Bearer {token}").parse().map_err(|_| {
+    let mut value: MetadataValue<Ascii> = format!("Bearer {token}").parse().map_err(|_| {
         Error::Message("the admin token contains characters not allowed in a header".into())
     })?;
+    // Kept out of any debug output of the request.
+    value.set_sensitive(true);
     let addr = ctx.addr.trim().to_string();
     if !(addr.starts_with("http://") || addr.starts_with("https://")) {
         return fail(format!(
