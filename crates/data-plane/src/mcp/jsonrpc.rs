@@ -36,8 +36,10 @@ pub fn classify(v: &Value) -> Result<Kind, String> {
             if !m.is_string() {
                 return Err("'method' must be a string".into());
             }
+            // MCP always names its params; positional (array) params would
+            // also leave the proxy nowhere to put a routed name.
             if let Some(p) = obj.get("params")
-                && !(p.is_object() || p.is_array())
+                && !p.is_object()
             {
                 return Err("'params' must be an object".into());
             }
@@ -121,6 +123,7 @@ mod tests {
             json!({"jsonrpc":"2.0","id":{},"method":"ping"}),
             json!({"jsonrpc":"2.0","id":1,"method":5}),
             json!({"jsonrpc":"2.0","id":1,"method":"x","params":3}),
+            json!({"jsonrpc":"2.0","id":1,"method":"tools/call","params":["a"]}),
             json!({"jsonrpc":"2.0","id":1}),
         ] {
             assert!(classify(&bad).is_err(), "{bad}");
