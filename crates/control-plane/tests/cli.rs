@@ -869,3 +869,27 @@ async fn live_tail_resumes_across_a_control_plane_restart() {
     let stderr = String::from_utf8_lossy(&done.stderr);
     assert!(stderr.contains("reconnecting"), "{stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_pages_too_big_for_one_grpc_message_are_read_in_halves() {
+    let db = TestDb::new().await;
+    let cp = start_cp(&db).await;
+    // 80 events of a megabyte of arguments each: more than the CLI accepts
+    // in one message.
+    let blob = format!("{{\"blob\":\"{}\"}}", "x".repeat(1_000_000));
+    let mut events = chain("big", 1, 80);
+    let mut prev = Vec::new();
+    for ev in &mut events {
+        ev.arguments = blob.clone();
+        seal(ev, &prev);
+        prev = ev.hash.clone();
+    }
+    while !events.is_empty() {
+        let rest = events.split_off(events.len().min(10));
+        db.store.ingest_batch("big", events).await.unwrap();
+        events = rest;
+    }
+    let r = ctl(&cp, &["audit", "query", "--limit", "80"]).await.ok();
+    assert_eq!(r.stdout.lines().count(), 1 + 80, "{}", r.stderr);
+    assert!(r.stdout.lines().nth(1).unwrap().contains("big-req-80"));
+}

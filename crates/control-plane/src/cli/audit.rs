@@ -220,23 +220,31 @@ async fn query(ctx: &Ctx, a: QueryArgs) -> Result<ExitCode> {
         return fail("--limit must be at least 1");
     }
     let mut remaining = limit.unwrap_or(if all { u64::MAX } else { 100 });
+    // An explicit --limit past one page is followed like --all.
+    let follow = all || limit.is_some();
     let mut q = grpc_query(&filter, from_us, to_us);
     let mut admin = conn::admin(ctx).await?;
     let mut events = Vec::new();
     let mut more = false;
+    let mut page_size = MAX_PAGE;
     loop {
-        q.limit = u32::try_from(remaining.min(u64::from(MAX_PAGE))).unwrap_or(MAX_PAGE);
-        let page = admin
-            .query_audit(q.clone())
-            .await
-            .map_err(status)?
-            .into_inner();
+        q.limit = u32::try_from(remaining.min(u64::from(page_size))).unwrap_or(page_size);
+        let page = match admin.query_audit(q.clone()).await {
+            Ok(p) => p.into_inner(),
+            // Events can carry up to a megabyte of arguments each: a page
+            // too large to receive is asked for again in halves.
+            Err(s) if too_large(&s) && q.limit > 1 => {
+                page_size = (q.limit / 2).max(1);
+                continue;
+            }
+            Err(s) => return Err(status(s)),
+        };
         remaining = remaining.saturating_sub(page.events.len() as u64);
         events.extend(page.events.into_iter().map(view));
         if page.next_cursor.is_empty() {
             break;
         }
-        if remaining == 0 || !all {
+        if remaining == 0 || !follow {
             more = true;
             break;
         }
@@ -254,11 +262,19 @@ async fn query(ctx: &Ctx, a: QueryArgs) -> Result<ExitCode> {
         } else {
             t.print()?;
         }
-        if more && !all {
+        if more {
             render::note("(more events: --all to page through them, or narrow the filters)");
         }
     }
     Ok(0)
+}
+
+/// Whether a call failed because the answer exceeded the size we accept.
+fn too_large(s: &tonic::Status) -> bool {
+    matches!(
+        s.code(),
+        tonic::Code::OutOfRange | tonic::Code::ResourceExhausted
+    ) && s.message().contains("too large")
 }
 
 async fn tail(ctx: &Ctx, a: TailArgs) -> Result<ExitCode> {

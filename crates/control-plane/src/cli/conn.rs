@@ -17,6 +17,20 @@ use super::{Ctx, Error, Result, fail};
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long one unary admin call may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(60);
+/// Largest answer accepted. A page of 1000 audit events with the default
+/// bounds on arguments is past tonic's default of 4 MiB; bigger pages are
+/// asked for in halves (see `audit query`), so this bounds memory.
+pub const MAX_MESSAGE: usize = 64 * 1024 * 1024;
+
+/// `host:port` is taken to mean `http://host:port`.
+fn with_scheme(s: &str) -> String {
+    let s = s.trim();
+    if s.contains("://") {
+        s.to_string()
+    } else {
+        format!("http://{s}")
+    }
+}
 
 /// Puts the admin token on every call.
 #[derive(Clone)]
@@ -48,7 +62,7 @@ pub async fn admin(ctx: &Ctx) -> Result<Admin> {
     })?;
     // Kept out of any debug output of the request.
     value.set_sensitive(true);
-    let addr = ctx.addr.trim().to_string();
+    let addr = with_scheme(&ctx.addr);
     if !(addr.starts_with("http://") || addr.starts_with("https://")) {
         return fail(format!(
             "--addr '{addr}' must be an http:// or https:// URL such as http://127.0.0.1:50051"
@@ -73,7 +87,7 @@ pub async fn admin(ctx: &Ctx) -> Result<Admin> {
             root(&e)
         ))
     })?;
-    Ok(AdminClient::with_interceptor(channel, Auth(value)))
+    Ok(AdminClient::with_interceptor(channel, Auth(value)).max_decoding_message_size(MAX_MESSAGE))
 }
 
 /// The innermost cause of an error: the one that says what happened
@@ -121,8 +135,8 @@ pub struct Rest {
 impl Rest {
     pub fn new(ctx: &Ctx) -> Result<Rest> {
         let token = ctx.token()?.to_string();
-        let raw = ctx.http.trim();
-        let base = reqwest::Url::parse(raw)
+        let raw = with_scheme(&ctx.http);
+        let base = reqwest::Url::parse(&raw)
             .ok()
             .filter(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some())
             .ok_or_else(|| {
