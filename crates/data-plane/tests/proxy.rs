@@ -1466,3 +1466,70 @@ async fn a_client_leaving_mid_call_cancels_it_upstream_and_leaves_an_unknown_eve
     assert_eq!(outcome(&events[0]), Outcome::Unknown);
     assert_eq!(proxy.sink.attempts().len(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_bodies_never_crash_the_proxy() {
+    let port = peers::free_port();
+    let (policy, keys) = policy(vec![http_backend(
+        "down",
+        &format!("http://127.0.0.1:{port}/mcp"),
+    )]);
+    let proxy = start(config(), Some(policy)).await;
+    let c = client();
+    let deep = format!("{}{}", "[".repeat(5000), "]".repeat(5000));
+    let bodies: Vec<String> = vec![
+        "".into(),
+        "null".into(),
+        "\"text\"".into(),
+        "[]".into(),
+        "[1,2]".into(),
+        deep,
+        r#"{"jsonrpc":"2.0","id":1,"method":"tools/call"}"#.into(),
+        r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":5}}"#.into(),
+        r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"down__x","arguments":"nope"}}"#.into(),
+        r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":5,"clientInfo":"x"}}"#.into(),
+        r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":[]}"#.into(),
+        r#"{"jsonrpc":"2.0","id":"sntl~down~{","result":{}}"#.into(),
+        r#"{"jsonrpc":"2.0","id":"sntl~ghost~1","result":{}}"#.into(),
+        r#"{"jsonrpc":"2.0","id":1,"method":"tools/list","params":{"cursor":{"a":1}}}"#.into(),
+        r#"{"jsonrpc":"2.0","id":1,"method":"resources/read","params":{"uri":null}}"#.into(),
+        r#"{"jsonrpc":"2.0","method":"notifications/cancelled","params":{"requestId":1}}"#.into(),
+        "\u{0}\u{1}".into(),
+    ];
+    for (i, b) in bodies.iter().enumerate() {
+        for modern in [false, true] {
+            let mut r = c
+                .post(proxy.url())
+                .header("content-type", "application/json")
+                .header("x-api-key", &keys.admin)
+                .body(b.clone());
+            if modern {
+                r = r.header("mcp-protocol-version", MODERN);
+            }
+            let resp = r.send().await.unwrap_or_else(|e| panic!("body {i}: {e}"));
+            assert!(
+                resp.status().as_u16() < 500,
+                "body {i} ({modern}): {}",
+                resp.status()
+            );
+        }
+    }
+    // A session header that is garbage, and one with bad bytes.
+    for sid in ["s1.1.", "s1.99.AAAA", "x", "s1.1.////"] {
+        let r = c
+            .post(proxy.url())
+            .header("x-api-key", &keys.admin)
+            .header("mcp-session-id", sid)
+            .body(r#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 404, "{sid}");
+    }
+    let r = c
+        .get(format!("http://{}/healthz", proxy.addr))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}
