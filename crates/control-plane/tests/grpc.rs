@@ -492,7 +492,7 @@ async fn admin_errors_name_the_field_and_secrets_are_shown_once() {
 
 fn event(proxy: &str, seq: u64, prev: &[u8]) -> pb::AuditEvent {
     let mut ev = pb::AuditEvent {
-        event_id: uuid::Uuid::now_v7().to_string(),
+        event_id: String::new(),
         request_id: format!("req-{seq}"),
         timestamp_us: sentinel_shared::now_us(),
         proxy_id: proxy.into(),
@@ -508,6 +508,7 @@ fn event(proxy: &str, seq: u64, prev: &[u8]) -> pb::AuditEvent {
         http_status: 200,
         ..Default::default()
     };
+    ev.event_id = sentinel_shared::audit::event_id_at(ev.timestamp_us);
     sentinel_shared::audit::seal(&mut ev, prev);
     ev
 }

@@ -394,3 +394,29 @@ mod tests {
         assert!(matches!(scrub("ab"), std::borrow::Cow::Borrowed(_)));
     }
 }
+
+/// A UUIDv7 event id whose embedded time is `timestamp_us`'s millisecond,
+/// as ingest requires (an id made by `now_v7()` a moment before or after
+/// the timestamp can fall in another millisecond and be dead-lettered).
+pub fn event_id_at(timestamp_us: i64) -> String {
+    let us = timestamp_us.max(0) as u64;
+    let ts = uuid::Timestamp::from_unix(
+        uuid::NoContext,
+        us / 1_000_000,
+        ((us % 1_000_000) * 1000) as u32,
+    );
+    uuid::Uuid::new_v7(ts).hyphenated().to_string()
+}
+
+#[cfg(test)]
+mod event_id_tests {
+    #[test]
+    fn the_id_carries_the_timestamps_millisecond() {
+        for ts in [0i64, 1_795_000_000_123_999, 1_795_000_000_124_000] {
+            let id = uuid::Uuid::parse_str(&super::event_id_at(ts)).unwrap();
+            let (s, n) = id.get_timestamp().unwrap().to_unix();
+            assert_eq!(s as i64 * 1000 + (n / 1_000_000) as i64, ts / 1000);
+            assert_eq!(id.get_version_num(), 7);
+        }
+    }
+}

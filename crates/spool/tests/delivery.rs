@@ -55,10 +55,11 @@ fn free_addr() -> SocketAddr {
 }
 
 fn event(n: u64) -> AuditEvent {
+    let ts = sentinel_shared::now_us();
     AuditEvent {
-        event_id: uuid::Uuid::now_v7().to_string(),
+        event_id: sentinel_shared::audit::event_id_at(ts),
         request_id: format!("req-{n}"),
-        timestamp_us: sentinel_shared::now_us(),
+        timestamp_us: ts,
         subject: "alice".into(),
         role: "dev".into(),
         mcp_method: "tools/call".into(),

@@ -34,7 +34,8 @@ impl CallAudit {
         Self {
             sink,
             ev: AuditEvent {
-                event_id: uuid::Uuid::now_v7().to_string(),
+                // The id carries the same millisecond as the timestamp.
+                event_id: sentinel_shared::audit::event_id_at(now_us),
                 request_id: request_id.to_string(),
                 timestamp_us: now_us,
                 mcp_method: method.to_string(),
