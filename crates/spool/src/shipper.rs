@@ -198,10 +198,14 @@ pub async fn run(
     let mut committed = s.shared.committed.subscribe();
     let mut conn: Option<Conn> = None;
     let mut backoff = Duration::from_millis(50);
+    // A deadline, not a fresh sleep per loop turn: the loop wakes on every
+    // commit and tick, which would otherwise postpone a reconnect forever.
+    let mut reconnect_at = tokio::time::Instant::now();
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     tokio::pin!(shutdown);
     loop {
         s.read_available();
+        let had = conn.is_some();
         if let Some(c) = &conn
             && !s.fill(c).await
         {
@@ -212,6 +216,7 @@ pub async fn run(
             _ = committed.changed() => {}
             ack = next_ack(&mut conn) => match ack {
                 Some(Ok(resp)) => {
+                    backoff = Duration::from_millis(50);
                     if let Err(why) = s.on_ack(resp).await {
                         tracing::warn!(%why, "audit ack out of order; reconnecting");
                         conn = None;
@@ -226,10 +231,9 @@ pub async fn run(
                     conn = None;
                 }
             },
-            _ = tokio::time::sleep(backoff), if conn.is_none() => {
+            _ = tokio::time::sleep_until(reconnect_at), if conn.is_none() => {
                 match connect(&channel, &s.shared.proxy_id, &s.cfg.join_token).await {
                     Ok(c) => {
-                        backoff = Duration::from_millis(50);
                         // Whatever was sent and not acked goes again.
                         let mut ok = true;
                         for b in &s.in_flight {
@@ -243,10 +247,17 @@ pub async fn run(
                     Err(status) => {
                         tracing::debug!(code = ?status.code(), message = %status.message(), "audit ingest connect failed");
                         backoff = (backoff * 2).min(Duration::from_secs(5));
+                        reconnect_at = tokio::time::Instant::now() + backoff;
                     }
                 }
             }
             _ = tick.tick() => {}
+        }
+        if had && conn.is_none() {
+            // Lost the stream: back off before the next try, so a control
+            // plane that accepts and then fails is not hammered.
+            reconnect_at = tokio::time::Instant::now() + backoff;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
         }
     }
 }

@@ -153,9 +153,12 @@ impl Writer {
                     Err(AppendError::Full)
                 }
                 _ => {
-                    self.shared.dropped.fetch_add(1, Ordering::Relaxed);
+                    let n = self.shared.dropped.fetch_add(1, Ordering::Relaxed) + 1;
                     metrics::counter!("sentinel_audit_dropped_total").increment(1);
-                    tracing::warn!(tool = %event.tool, "audit spool full: event dropped");
+                    // Once, then every 1000th: a full spool must not flood the log.
+                    if n % 1000 == 1 {
+                        tracing::warn!(dropped_total = n, tool = %event.tool, "audit spool full: event dropped");
+                    }
                     Ok(0)
                 }
             }
