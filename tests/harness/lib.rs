@@ -6,6 +6,7 @@
 
 #[path = "../../crates/data-plane/tests/common/peers.rs"]
 pub mod peers;
+pub mod procs;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -295,8 +296,12 @@ pub async fn modern_call(url: &str, key: &str, tool: &str, args: Value) -> (u16,
         .header("mcp-name", tool)
         .json(&body)
         .send()
-        .await
-        .unwrap();
+        .await;
+    let r = match r {
+        Ok(r) => r,
+        // The proxy is down (a fault test): status 0.
+        Err(e) => return (0, Value::String(e.to_string())),
+    };
     let status = r.status().as_u16();
     let text = r.text().await.unwrap_or_default();
     let value = serde_json::from_str(&text)

@@ -5,3 +5,4 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a test fails loudly
 
 mod end_to_end;
+mod faults;
