@@ -314,11 +314,9 @@ async fn tail(ctx: &Ctx, a: TailArgs) -> Result<ExitCode> {
             r = relay(ctx, resp, &shown, &mut last_id) => r,
             _ = tokio::signal::ctrl_c() => return Ok(0),
         };
-        match ended {
-            Ok(()) => {}
-            // Our own output failing is final; the stream failing is not.
-            Err(e @ Error::Output(_)) => return Err(e),
-            Err(Error::Message(m)) => render::note(&m),
+        // Our own output failing is final (`?`); the stream failing is not.
+        if let Err(lost) = ended? {
+            render::note(&lost);
         }
         // The server ends a tail after an hour, or when it shuts down (a
         // restart, an upgrade): resume after the last event shown, so
@@ -369,19 +367,23 @@ async fn open_tail(
         .await
 }
 
-/// Prints the events of one SSE response until the server ends it.
+/// Prints the events of one SSE response until the server ends it. The
+/// inner error is a stream that broke (worth reopening); the outer one is
+/// final.
 async fn relay(
     ctx: &Ctx,
     resp: reqwest::Response,
     skip: &HashSet<String>,
     last_id: &mut Option<String>,
-) -> Result<()> {
+) -> Result<Result<(), String>> {
     let mut body = resp.bytes_stream();
     let mut buf: Vec<u8> = Vec::new();
     let mut ev = SseEvent::default();
     while let Some(chunk) = body.next().await {
-        let chunk =
-            chunk.map_err(|e| Error::Message(format!("live tail interrupted: {}", root(&e))))?;
+        let chunk = match chunk {
+            Ok(c) => c,
+            Err(e) => return Ok(Err(format!("live tail interrupted: {}", root(&e)))),
+        };
         buf.extend_from_slice(&chunk);
         while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
             let raw: Vec<u8> = buf.drain(..=pos).collect();
@@ -401,7 +403,7 @@ async fn relay(
             return fail("live tail: the server sent an oversized event");
         }
     }
-    Ok(())
+    Ok(Ok(()))
 }
 
 #[derive(Default)]
