@@ -40,8 +40,8 @@ pub struct Principal {
     role: String,
     key_id: Option<String>,
     method: AuthMethod,
-    /// The JWT issuer name, for JWT principals.
-    issuer: Option<String>,
+    /// Computed once: sessions and rate-limit buckets are keyed by it.
+    binding: String,
 }
 
 impl Principal {
@@ -58,17 +58,23 @@ impl Principal {
         self.method
     }
     /// What a session is bound to: the same key (not merely the same owner),
-    /// or the same subject of the same JWT issuer.
-    pub fn binding(&self) -> String {
-        match (&self.key_id, &self.issuer) {
-            (Some(id), _) => format!("key:{id}"),
-            (None, Some(iss)) => format!("jwt:{iss}:{}", self.subject),
-            (None, None) => format!("subject:{}", self.subject),
-        }
+    /// or the same subject of the same JWT issuer. Also the per-key rate
+    /// limit bucket.
+    pub fn binding(&self) -> &str {
+        &self.binding
     }
-    /// The per-key rate-limit bucket name.
-    pub fn bucket(&self) -> String {
-        self.binding()
+
+    /// The binding as the rate limiter's bucket key (no copy per call).
+    pub(crate) fn bucket(&self) -> &String {
+        &self.binding
+    }
+}
+
+fn binding_of(key_id: Option<&str>, issuer: Option<&str>, subject: &str) -> String {
+    match (key_id, issuer) {
+        (Some(id), _) => format!("key:{id}"),
+        (None, Some(iss)) => format!("jwt:{iss}:{subject}"),
+        (None, None) => format!("subject:{subject}"),
     }
 }
 
@@ -170,7 +176,7 @@ fn check_api_key(text: &str, snap: &Snapshot, now_us: i64) -> Result<Principal, 
         role: entry.role.clone(),
         key_id: Some(entry.id.clone()),
         method: AuthMethod::ApiKey,
-        issuer: None,
+        binding: binding_of(Some(&entry.id), None, ""),
     })
 }
 
@@ -298,11 +304,11 @@ impl JwtVerifier {
             _ => return Err(Unauthenticated::NoRole),
         };
         Ok(Principal {
+            binding: binding_of(None, Some(&self.name), &subject),
             subject,
             role,
             key_id: None,
             method: AuthMethod::Jwt,
-            issuer: Some(self.name.clone()),
         })
     }
 }

@@ -43,9 +43,13 @@ impl RateLimited {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-struct LimitId {
-    role: String,
+/// The limiters of one role, by shape.
+type RoleLimiters = Vec<(LimitShape, Arc<Keyed>)>;
+
+/// A limit as the cache knows it: its position in the role and its shape.
+/// A limit whose shape changed gets a fresh limiter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct LimitShape {
     index: usize,
     per_second_bits: u64,
     burst: u32,
@@ -53,13 +57,17 @@ struct LimitId {
 
 pub struct RateLimiter {
     clock: Arc<dyn Clock>,
-    limiters: Mutex<HashMap<LimitId, Arc<Keyed>>>,
+    /// The one bucket key of per-role limits.
+    role_bucket: String,
+    /// By role name (looked up without allocating), then by shape.
+    limiters: Mutex<HashMap<String, RoleLimiters>>,
 }
 
 impl RateLimiter {
     pub fn new(clock: Arc<dyn Clock>) -> Self {
         Self {
             clock,
+            role_bucket: String::new(),
             limiters: Mutex::new(HashMap::new()),
         }
     }
@@ -82,9 +90,9 @@ impl RateLimiter {
             };
             let key = match limit.scope {
                 LimitScope::PerKey => principal.bucket(),
-                LimitScope::PerRole => String::new(),
+                LimitScope::PerRole => &self.role_bucket,
             };
-            if let Err(not_until) = limiter.check_key(&key) {
+            if let Err(not_until) = limiter.check_key(key) {
                 let now = governor::clock::Clock::now(&GovernorClock(self.clock.clone()));
                 return Err(RateLimited {
                     role: role.name.clone(),
@@ -97,8 +105,7 @@ impl RateLimiter {
     }
 
     fn limiter(&self, role: &str, limit: &CompiledRateLimit) -> Option<Arc<Keyed>> {
-        let id = LimitId {
-            role: role.to_string(),
+        let shape = LimitShape {
             index: limit.index,
             per_second_bits: limit.per_second.to_bits(),
             burst: limit.burst,
@@ -107,7 +114,10 @@ impl RateLimiter {
             Ok(m) => m,
             Err(p) => p.into_inner(),
         };
-        if let Some(l) = map.get(&id) {
+        if let Some((_, l)) = map
+            .get(role)
+            .and_then(|v| v.iter().find(|(s, _)| *s == shape))
+        {
             return Some(l.clone());
         }
         if !(limit.per_second.is_finite() && limit.per_second > 0.0) {
@@ -120,11 +130,14 @@ impl RateLimiter {
             quota,
             GovernorClock(self.clock.clone()),
         ));
-        // Limits of roles that changed are dropped with their buckets.
+        // Roles that went away keep their entry until the map is this big;
+        // then every bucket starts over.
         if map.len() > 4096 {
             map.clear();
         }
-        map.insert(id, l.clone());
+        let shapes = map.entry(role.to_string()).or_default();
+        shapes.retain(|(s, _)| s.index != shape.index);
+        shapes.push((shape, l.clone()));
         Some(l)
     }
 }

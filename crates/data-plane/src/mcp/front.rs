@@ -996,7 +996,7 @@ pub(crate) async fn open_upstreams(
         }
     }
     let state = SessionState {
-        binding: principal.binding(),
+        binding: principal.binding().to_string(),
         protocol_version: version.to_string(),
         client_name: msg["params"]["clientInfo"]["name"]
             .as_str()
