@@ -367,6 +367,23 @@ async fn policy_apply_diff_dry_run_and_export_round_trip() {
         refused.stderr.contains("alow") && refused.stderr.contains("typo.toml"),
         "{refused:#?}"
     );
+    // `-f -` reads YAML from stdin.
+    let mut c = command(&cp, ADMIN);
+    c.args(["policy", "diff", "-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut stdin, changed.as_bytes())
+        .await
+        .unwrap();
+    drop(stdin);
+    let piped = child.wait_with_output().await.unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&piped.stdout),
+        "+ role reader\n+ backend docs\n"
+    );
     let unknown = write(dir.path(), "policy.txt", POLICY);
     let refused = ctl(&cp, &["policy", "apply", "-f", &unknown])
         .await
