@@ -54,6 +54,25 @@ pub async fn run_with_clock(
         .await
 }
 
+/// Serves one MCP client on this process's stdin/stdout (the stdio front)
+/// until stdin closes. `credential` is the API key or JWT the agent's
+/// environment gives the proxy (e.g. `SENTINEL_API_KEY`); logs must go to
+/// stderr.
+pub async fn run_stdio(
+    config: &Config,
+    policy: PolicyReader,
+    audit: Arc<dyn AuditSink>,
+    credential: &str,
+) -> std::io::Result<()> {
+    let state = Arc::new(AppState::new(
+        config,
+        policy,
+        audit,
+        Arc::new(SystemClock::default()),
+    ));
+    crate::mcp::stdio_front::serve(state, credential, tokio::io::stdin(), tokio::io::stdout()).await
+}
+
 /// The routes. `Router::layer` wraps bottom to top; there is one layer here.
 pub fn router(
     config: &Config,
