@@ -5,7 +5,9 @@
 //! serves every client of this proxy: the proxy initializes it once,
 //! renumbers request ids so clients cannot collide, and restarts it on the
 //! next call after it exits. Requests the child sends to a client cannot be
-//! routed back to one client, so they are answered here (`ping`) or refused.
+//! routed back to one client, so they are answered here (`ping`) or refused,
+//! and of its notifications only list changes are passed on (to every
+//! listening client).
 
 use std::collections::HashMap;
 use std::process::Stdio;
@@ -247,7 +249,19 @@ impl Child {
                 };
                 let _ = self.write(&reply).await;
             }
-            (_, Some(_)) => {
+            // Only list changes are shared: the child serves every client
+            // of this proxy, and a progress or log message of one client's
+            // call must not reach another client.
+            (_, Some(method))
+                if matches!(
+                    method.as_str(),
+                    Some(
+                        "notifications/tools/list_changed"
+                            | "notifications/prompts/list_changed"
+                            | "notifications/resources/list_changed"
+                    )
+                ) =>
+            {
                 let _ = notes.send(msg);
             }
             _ => {}
