@@ -61,7 +61,7 @@ pub enum Output {
 /// (SENTINEL_ADDR, SENTINEL_HTTP, SENTINEL_TOKEN). Prefer the environment
 /// for the token: command-line arguments are visible to other local users.
 #[derive(Debug, Parser)]
-#[command(name = "sentinelctl", version, propagate_version = true)]
+#[command(name = "sentinelctl", version, propagate_version = true, after_help = EXAMPLES)]
 pub struct Cli {
     /// The control plane's gRPC admin address.
     #[arg(
@@ -117,6 +117,16 @@ pub enum Command {
     #[command(name = "join-tokens", subcommand)]
     JoinTokens(fleet::JoinTokensCmd),
 }
+
+const EXAMPLES: &str = "\
+Examples:
+  export SENTINEL_ADDR=http://127.0.0.1:50051 SENTINEL_HTTP=http://127.0.0.1:8080 SENTINEL_TOKEN=...
+  sentinelctl policy diff -f policy.yaml && sentinelctl policy apply -f policy.yaml
+  sentinelctl keys create --role ops --owner alice --expires-in 30d
+  sentinelctl can-i --key 3fK9x2LmQp7a everything/echo
+  sentinelctl audit query --since 1h --outcome forbidden
+  sentinelctl audit tail --follow -o json
+  sentinelctl audit export --format csv --since 7d > audit.csv";
 
 /// The flags every command shares, resolved.
 pub struct Ctx {
