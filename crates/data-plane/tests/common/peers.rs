@@ -32,11 +32,23 @@ pub fn peers() -> &'static Peers {
     })
 }
 
+/// The workspace's target directory, from whichever package includes this
+/// file: `CARGO_TARGET_DIR`, else `target/` beside the workspace's
+/// `Cargo.lock`.
 fn target_dir() -> PathBuf {
     if let Ok(t) = std::env::var("CARGO_TARGET_DIR") {
         return PathBuf::from(t);
     }
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target")
+    let mut dir = Path::new(env!("CARGO_MANIFEST_DIR")).to_path_buf();
+    for _ in 0..8 {
+        if dir.join("Cargo.lock").exists() {
+            return dir.join("target");
+        }
+        if !dir.pop() {
+            break;
+        }
+    }
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("target")
 }
 
 fn install(root: &Path) -> Result<(), String> {
