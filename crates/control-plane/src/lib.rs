@@ -1,6 +1,7 @@
 //! Sentinel's control plane: the one owner of Postgres.
 //!
 //! Modules:
+//! - [`cli`]: `sentinelctl`, the operators' CLI over the admin APIs;
 //! - [`config`]: the configuration file and environment overrides;
 //! - [`db`]: the pool and the embedded migrations;
 //! - [`store`]: every SQL statement (policy, keys, audit, fleet);
