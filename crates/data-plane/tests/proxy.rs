@@ -504,6 +504,16 @@ async fn malformed_and_hostile_requests_are_refused_at_the_edge() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
+    // An unsupported protocol version.
+    let r = c
+        .post(&url)
+        .header("x-api-key", &keys.admin)
+        .header("mcp-protocol-version", "1999-01-01")
+        .body(r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{}}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
     // Legacy request without a session.
     let r = c
         .post(&url)

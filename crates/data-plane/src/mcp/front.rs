@@ -862,7 +862,16 @@ async fn handle_post(st: &AppState, headers: &HeaderMap, body: Body, rid: &str) 
         return call.dispatch(msg, kind).await.into_response(None);
     }
 
-    // Legacy era.
+    // Legacy era. A version header, when sent, must name a version served.
+    if let Some(v) = headers.get("mcp-protocol-version")
+        && !LEGACY_VERSIONS.iter().any(|l| v.as_bytes() == l.as_bytes())
+    {
+        return plain_error(
+            StatusCode::BAD_REQUEST,
+            crate::error::code::INVALID_REQUEST,
+            "unsupported MCP-Protocol-Version",
+        );
+    }
     let token = headers.get("mcp-session-id").and_then(|v| v.to_str().ok());
     let Some(token) = token else {
         if !batch && jsonrpc::method(first) == "initialize" && kinds[0] == Kind::Request {
