@@ -90,6 +90,12 @@ impl From<sqlx::Error> for Error {
             sqlx::Error::Database(db) => match db.code().as_deref() {
                 Some("23505") => Error::AlreadyExists(db.message().to_string()),
                 Some("23503") => Error::Conflict(db.message().to_string()),
+                // A NUL or an invalid byte sequence in text the caller sent:
+                // their input, not our failure.
+                Some("22021" | "22P05") => Error::invalid(
+                    "request",
+                    "text contains a character Postgres cannot store (e.g. NUL)",
+                ),
                 // 57P01 admin_shutdown, 57P02 crash_shutdown, 57P03 cannot_connect_now,
                 // 08xxx connection exceptions, 53300 too_many_connections.
                 Some(c) if c.starts_with("08") || c.starts_with("57P") || c == "53300" => {

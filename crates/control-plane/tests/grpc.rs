@@ -659,3 +659,160 @@ async fn reflection_lists_the_services() {
         );
     }
 }
+
+#[tokio::test]
+async fn bad_input_to_every_admin_call_is_a_clear_4xx_never_internal() {
+    let db = TestDb::new().await;
+    let cp = start_cp(&db, "cp-a").await;
+    let mut admin = AdminClient::new(channel(cp.grpc).await);
+    let nul = "a\0b".to_string();
+    let long = "x".repeat(100_000);
+    let mut codes = Vec::new();
+    macro_rules! call {
+        ($name:literal, $e:expr) => {{
+            let code = match $e.await {
+                Ok(_) => tonic::Code::Ok,
+                Err(s) => {
+                    assert!(!s.message().is_empty(), "{}: empty message", $name);
+                    s.code()
+                }
+            };
+            codes.push(($name, code));
+        }};
+    }
+    for bad in [String::new(), nul.clone(), long.clone()] {
+        call!(
+            "create_api_key",
+            admin.create_api_key(admin_req(pb::CreateApiKeyRequest {
+                role: bad.clone(),
+                owner: bad.clone(),
+                description: bad.clone(),
+                expires_at_us: -5
+            }))
+        );
+        call!(
+            "get_api_key",
+            admin.get_api_key(admin_req(pb::GetApiKeyRequest { id: bad.clone() }))
+        );
+        call!(
+            "revoke_api_key",
+            admin.revoke_api_key(admin_req(pb::RevokeApiKeyRequest { id: bad.clone() }))
+        );
+        call!(
+            "rotate_api_key",
+            admin.rotate_api_key(admin_req(pb::RotateApiKeyRequest {
+                id: bad.clone(),
+                grace_seconds: u32::MAX
+            }))
+        );
+        call!(
+            "list_api_keys",
+            admin.list_api_keys(admin_req(pb::ListApiKeysRequest {
+                include_revoked: true,
+                role: bad.clone(),
+                owner: bad.clone()
+            }))
+        );
+        call!(
+            "put_role",
+            admin.put_role(admin_req(pb::PutRoleRequest {
+                role: Some(pb::Role {
+                    name: bad.clone(),
+                    allow_tools: vec![bad.clone()],
+                    ..Default::default()
+                })
+            }))
+        );
+        call!(
+            "put_role_none",
+            admin.put_role(admin_req(pb::PutRoleRequest { role: None }))
+        );
+        call!(
+            "delete_role",
+            admin.delete_role(admin_req(pb::DeleteRequest { name: bad.clone() }))
+        );
+        call!(
+            "put_backend",
+            admin.put_backend(admin_req(pb::PutBackendRequest {
+                backend: Some(pb::Backend {
+                    name: bad.clone(),
+                    transport: Some(pb::backend::Transport::Http(pb::HttpBackend {
+                        url: bad.clone(),
+                        headers: vec![pb::Header {
+                            name: bad.clone(),
+                            value: bad.clone()
+                        }]
+                    })),
+                    ..Default::default()
+                })
+            }))
+        );
+        call!(
+            "delete_backend",
+            admin.delete_backend(admin_req(pb::DeleteRequest { name: bad.clone() }))
+        );
+        call!(
+            "put_jwt_issuer",
+            admin.put_jwt_issuer(admin_req(pb::PutJwtIssuerRequest {
+                issuer: Some(pb::JwtIssuer {
+                    name: bad.clone(),
+                    issuer: bad.clone(),
+                    ..Default::default()
+                })
+            }))
+        );
+        call!(
+            "delete_jwt_issuer",
+            admin.delete_jwt_issuer(admin_req(pb::DeleteRequest { name: bad.clone() }))
+        );
+        call!(
+            "apply_policy",
+            admin.apply_policy(admin_req(pb::ApplyPolicyRequest {
+                spec: Some(pb::PolicySpec {
+                    roles: vec![pb::Role {
+                        name: bad.clone(),
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                }),
+                dry_run: false
+            }))
+        );
+        call!(
+            "apply_policy_none",
+            admin.apply_policy(admin_req(pb::ApplyPolicyRequest {
+                spec: None,
+                dry_run: true
+            }))
+        );
+        call!(
+            "query_audit",
+            admin.query_audit(admin_req(pb::AuditQuery {
+                subject: bad.clone(),
+                outcome: bad.clone(),
+                cursor: bad.clone(),
+                tool: bad.clone(),
+                limit: u32::MAX,
+                from_us: i64::MAX,
+                to_us: i64::MIN,
+                ..Default::default()
+            }))
+        );
+        call!(
+            "create_join_token",
+            admin.create_join_token(admin_req(pb::CreateJoinTokenRequest {
+                description: bad.clone()
+            }))
+        );
+    }
+    let bad: Vec<_> = codes
+        .iter()
+        .filter(|(_, c)| {
+            matches!(
+                c,
+                tonic::Code::Internal | tonic::Code::Unknown | tonic::Code::Unavailable
+            )
+        })
+        .collect();
+    assert!(bad.is_empty(), "server-side failures on bad input: {bad:?}");
+}
