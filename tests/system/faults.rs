@@ -137,7 +137,10 @@ async fn compare(
     if f.lost > 0 || f.gaps > 0 {
         for log in logs {
             let text = std::fs::read_to_string(log).unwrap_or_default();
-            let lines: Vec<&str> = text.lines().filter(|l| !l.contains("policy applied")).collect();
+            let lines: Vec<&str> = text
+                .lines()
+                .filter(|l| !l.contains("policy applied"))
+                .collect();
             let tail = lines[lines.len().saturating_sub(60)..].join("\n");
             println!("--- {} (last lines)\n{tail}", log.display());
         }

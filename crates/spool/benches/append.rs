@@ -67,7 +67,8 @@ async fn run(durability: Durability, conc: usize, calls: usize) -> (f64, f64, f6
     }
     let secs = started.elapsed().as_secs_f64();
     lat.sort_unstable();
-    let pct = |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)].as_secs_f64() * 1e6;
+    let pct =
+        |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)].as_secs_f64() * 1e6;
     ((per * conc) as f64 / secs, pct(0.50), pct(0.99))
 }
 
@@ -88,7 +89,11 @@ async fn main() {
     for conc in [1usize, 16, 64] {
         for (name, d) in [("fsync", Durability::Fsync), ("os", Durability::Os)] {
             // Fewer calls where each waits for its own fsync.
-            let calls = if conc == 1 && d == Durability::Fsync { 300 } else { 6400 };
+            let calls = if conc == 1 && d == Durability::Fsync {
+                300
+            } else {
+                6400
+            };
             let mut rate = Vec::new();
             let mut p50 = Vec::new();
             let mut p99 = Vec::new();
