@@ -6,3 +6,4 @@
 
 mod end_to_end;
 mod faults;
+mod fleet;
