@@ -100,6 +100,25 @@ async fn python_client_modern_era_through_proxy_to_python_upstream() {
     assert_eq!(outcome(&events[0]), Outcome::Ok);
     assert_eq!(events[0].protocol_version, MODERN);
     assert!(events[0].session_id.is_empty());
+    // A tool whose schema mirrors an argument in a header (`x-mcp-header`):
+    // the client's Mcp-Param-Region reaches the upstream, which checks it.
+    let url = proxy.url();
+    let key = keys.admin.clone();
+    let out = blocking(move || {
+        peers().python_client(
+            &url,
+            MODERN,
+            &[("X-API-Key", &key)],
+            "py__region",
+            r#"{"region":"eu-west"}"#,
+        )
+    })
+    .await
+    .expect("python client, x-mcp-header tool");
+    assert!(
+        out["result"].to_string().contains("region eu-west"),
+        "{out}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -186,6 +186,8 @@ pub struct Call<'a> {
     pub request_id: &'a str,
     pub protocol_version: String,
     pub client_name: String,
+    /// The client's `Mcp-Param-*` headers (2026-07-28), passed on as sent.
+    pub param_headers: Vec<(HeaderName, HeaderValue)>,
 }
 
 impl Call<'_> {
@@ -210,7 +212,7 @@ impl Call<'_> {
 
     pub fn route<'b>(&'b self, backend: &Backend) -> Result<Route<'b>, UpstreamError> {
         match &self.session {
-            None => Ok(Route::Stateless),
+            None => Ok(Route::Stateless(&self.param_headers)),
             Some((s, _)) => s
                 .upstream(&backend.name)
                 .map(Route::Session)
@@ -376,7 +378,7 @@ impl Call<'_> {
             if b.upstream.stateless_is_legacy().await {
                 continue;
             }
-            match b.upstream.send(msg, Route::Stateless).await {
+            match b.upstream.send(msg, Route::Stateless(&[])).await {
                 Ok(Reply::Stream(s)) => streams.push(s.filter_map(|m| async { m.ok() }).boxed()),
                 Ok(Reply::Json(v)) => single = Some(v),
                 Ok(Reply::Accepted) => {}
@@ -856,6 +858,12 @@ async fn handle_post(st: &AppState, headers: &HeaderMap, body: Body, rid: &str) 
             session: None,
             request_id: rid,
             protocol_version: MODERN_VERSION.into(),
+            param_headers: headers
+                .iter()
+                .filter(|(k, _)| k.as_str().starts_with("mcp-param-"))
+                .take(64)
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
         };
         let kind = kinds[0];
         let msg = messages.into_iter().next().unwrap_or(Value::Null);
@@ -905,6 +913,7 @@ async fn handle_post(st: &AppState, headers: &HeaderMap, body: Body, rid: &str) 
         protocol_version: state.protocol_version.clone(),
         client_name: state.client_name.clone(),
         session: Some((state, audit_id(token))),
+        param_headers: Vec::new(),
     };
     if !batch {
         let msg = messages.into_iter().next().unwrap_or(Value::Null);

@@ -217,6 +217,7 @@ async fn handle(
         request_id: &rid,
         protocol_version,
         client_name,
+        param_headers: Vec::new(),
     };
     match call.dispatch(msg, kind).await {
         Answer::Json { body, .. } => {

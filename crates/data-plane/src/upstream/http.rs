@@ -100,27 +100,45 @@ impl HttpUpstream {
     pub async fn send(&self, msg: &Value, route: Route<'_>) -> Result<Reply, UpstreamError> {
         match route {
             Route::Session(s) => self
-                .post(msg, s.session_id.as_deref(), &s.protocol_version, false)
+                .post(
+                    msg,
+                    s.session_id.as_deref(),
+                    &s.protocol_version,
+                    false,
+                    &[],
+                )
                 .await
                 .map(|(r, _)| r),
-            Route::Stateless => {
+            Route::Stateless(params) => {
                 if self.is_modern().await {
                     return self
-                        .post(msg, None, MODERN_VERSION, true)
+                        .post(msg, None, MODERN_VERSION, true, params)
                         .await
                         .map(|(r, _)| r);
                 }
                 let s = self.service_session().await?;
                 match self
-                    .post(msg, s.session_id.as_deref(), &s.protocol_version, false)
+                    .post(
+                        msg,
+                        s.session_id.as_deref(),
+                        &s.protocol_version,
+                        false,
+                        &[],
+                    )
                     .await
                 {
                     Err(UpstreamError::SessionGone) => {
                         self.drop_service_session(&s);
                         let s = self.service_session().await?;
-                        self.post(msg, s.session_id.as_deref(), &s.protocol_version, false)
-                            .await
-                            .map(|(r, _)| r)
+                        self.post(
+                            msg,
+                            s.session_id.as_deref(),
+                            &s.protocol_version,
+                            false,
+                            &[],
+                        )
+                        .await
+                        .map(|(r, _)| r)
                     }
                     other => other.map(|(r, _)| r),
                 }
@@ -146,7 +164,7 @@ impl HttpUpstream {
                 "io.modelcontextprotocol/clientInfo": {"name": "sentinel-proxy", "version": env!("CARGO_PKG_VERSION")}
             }}
         });
-        let era = match self.post(&probe, None, MODERN_VERSION, true).await {
+        let era = match self.post(&probe, None, MODERN_VERSION, true, &[]).await {
             Ok((reply, _)) => match reply.response_to(&probe["id"], self.timeout).await {
                 Ok(v) => {
                     let modern = v["result"]["supportedVersions"]
@@ -212,7 +230,7 @@ impl HttpUpstream {
             .unwrap_or(SERVICE_VERSION)
             .to_string();
         let init = json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": params});
-        let (reply, session_id) = self.post(&init, None, &requested, false).await?;
+        let (reply, session_id) = self.post(&init, None, &requested, false, &[]).await?;
         let answer = reply.response_to(&init["id"], self.timeout).await?;
         let Some(result) = answer.get("result") else {
             return Err(UpstreamError::Garbage(format!(
@@ -235,6 +253,7 @@ impl HttpUpstream {
             session.session_id.as_deref(),
             &session.protocol_version,
             false,
+            &[],
         )
         .await?;
         Ok(session)
@@ -282,6 +301,7 @@ impl HttpUpstream {
         session: Option<&str>,
         version: &str,
         modern: bool,
+        extra: &[(HeaderName, HeaderValue)],
     ) -> Result<(Reply, Option<String>), UpstreamError> {
         let body = serde_json::to_vec(msg).map_err(|e| UpstreamError::Garbage(e.to_string()))?;
         let mut req = self
@@ -298,6 +318,9 @@ impl HttpUpstream {
             req = req.header("mcp-method", method);
             if let Some(name) = name_param(method, msg) {
                 req = req.header("mcp-name", encode_header_value(name));
+            }
+            for (k, v) in extra {
+                req = req.header(k, v);
             }
         }
         let resp = tokio::time::timeout(self.timeout, req.body(body).send())

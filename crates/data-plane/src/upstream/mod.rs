@@ -76,8 +76,10 @@ pub enum Route<'a> {
     /// Inside the client's legacy session with this upstream.
     Session(&'a UpstreamSession),
     /// Stateless: the 2026-07-28 era if the upstream speaks it, else the
-    /// proxy's own service session with it.
-    Stateless,
+    /// proxy's own service session with it. Carries the client's
+    /// `Mcp-Param-*` headers, which a 2026-07-28 upstream checks against the
+    /// arguments (the proxy passes them on; it never decides on them).
+    Stateless(&'a [(::http::HeaderName, ::http::HeaderValue)]),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

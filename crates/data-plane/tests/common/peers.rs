@@ -187,7 +187,7 @@ net.Server.prototype.listen = function (...args) {
             &script,
             r#"import sys
 from typing import Annotated
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.resolve import Elicit, Resolve
 
@@ -198,6 +198,11 @@ class Name(BaseModel):
 
 def ask_name() -> Elicit[Name]:
     return Elicit("What is your name?", Name)
+
+@mcp.tool()
+def region(region: Annotated[str, Field(json_schema_extra={"x-mcp-header": "Region"})]) -> str:
+    """Echoes its region, which 2026-07-28 clients mirror in Mcp-Param-Region."""
+    return "region " + region
 
 @mcp.tool()
 def greet(who: Annotated[Name, Resolve(ask_name)]) -> str:
