@@ -5,8 +5,12 @@
 //!
 //! ```text
 //! len: u32 LE | crc32(payload): u32 LE | payload (len bytes)
-//! payload = kind: u8 | sequence: u64 LE | AuditEvent (protobuf)
+//! payload = kind: u8 | sequence: u64 LE | prev: [u8; 32] | AuditEvent (protobuf)
 //! ```
+//!
+//! `prev` is the SHA-256 of the previous record's payload in the same boot
+//! epoch (zeros for the first): the records of an epoch form a hash chain,
+//! so a record altered, inserted or removed on disk is found at start.
 //!
 //! A record is valid only if it is whole and its checksum matches; reading
 //! stops at the first record that is not, which is how a torn tail (a crash
@@ -49,8 +53,15 @@ impl Kind {
 pub struct Record {
     pub kind: Kind,
     pub sequence: u64,
+    /// Hash of the previous record's payload in this epoch.
+    pub prev: [u8; 32],
+    /// Hash of this record's payload: the next record's `prev`.
+    pub hash: [u8; 32],
     pub event: AuditEvent,
 }
+
+/// Bytes of payload before the event.
+const PAYLOAD_HEAD: usize = 1 + 8 + 32;
 
 pub fn segment_name(index: u64) -> String {
     format!("{index:020}.seg")
@@ -77,19 +88,31 @@ pub fn parse_header(h: &[u8]) -> Option<u64> {
     Some(u64::from_le_bytes(e))
 }
 
-/// Appends the encoding of one record to `buf`.
-pub fn encode(kind: Kind, sequence: u64, event: &AuditEvent, buf: &mut Vec<u8>) {
-    let payload_len = 1 + 8 + event.encoded_len();
+/// Appends the encoding of one record to `buf`; returns the hash of its
+/// payload (the next record's `prev`).
+pub fn encode(
+    kind: Kind,
+    sequence: u64,
+    prev: &[u8; 32],
+    event: &AuditEvent,
+    buf: &mut Vec<u8>,
+) -> [u8; 32] {
+    use sha2::Digest;
+    let payload_len = PAYLOAD_HEAD + event.encoded_len();
     buf.reserve(RECORD_HEAD + payload_len);
     let start = buf.len();
     buf.extend_from_slice(&(payload_len as u32).to_le_bytes());
     buf.extend_from_slice(&[0u8; 4]);
     buf.push(kind as u8);
     buf.extend_from_slice(&sequence.to_le_bytes());
+    buf.extend_from_slice(prev);
     // Encoding into a Vec cannot fail: it grows as needed.
     let _ = event.encode(buf);
-    let crc = crc32fast::hash(&buf[start + RECORD_HEAD..]);
+    let payload = &buf[start + RECORD_HEAD..];
+    let crc = crc32fast::hash(payload);
+    let hash: [u8; 32] = sha2::Sha256::digest(payload).into();
     buf[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+    hash
 }
 
 /// What reading a run of records found.
@@ -113,7 +136,7 @@ pub fn decode(data: &[u8]) -> Next {
     }
     let len = u32::from_le_bytes([data[0], data[1], data[2], data[3]]) as usize;
     let crc = u32::from_le_bytes([data[4], data[5], data[6], data[7]]);
-    if !(9..=MAX_RECORD).contains(&len) {
+    if !(PAYLOAD_HEAD..=MAX_RECORD).contains(&len) {
         return Next::Corrupt(format!("record length {len} out of range"));
     }
     let Some(payload) = data.get(RECORD_HEAD..RECORD_HEAD + len) else {
@@ -131,11 +154,18 @@ pub fn decode(data: &[u8]) -> Next {
     let mut s = [0u8; 8];
     s.copy_from_slice(&payload[1..9]);
     let sequence = u64::from_le_bytes(s);
-    match AuditEvent::decode(&payload[9..]) {
+    let mut prev = [0u8; 32];
+    prev.copy_from_slice(&payload[9..PAYLOAD_HEAD]);
+    match AuditEvent::decode(&payload[PAYLOAD_HEAD..]) {
         Ok(event) => Next::Record(
             Box::new(Record {
                 kind,
                 sequence,
+                prev,
+                hash: {
+                    use sha2::Digest;
+                    sha2::Sha256::digest(payload).into()
+                },
                 event,
             }),
             (RECORD_HEAD + len) as u64,
@@ -166,13 +196,18 @@ mod tests {
             ..Default::default()
         };
         let mut buf = Vec::new();
-        encode(Kind::Attempt, 7, &ev, &mut buf);
+        let h1 = encode(Kind::Attempt, 7, &[0; 32], &ev, &mut buf);
         let one = buf.len();
-        encode(Kind::Outcome, 7, &ev, &mut buf);
+        encode(Kind::Outcome, 7, &h1, &ev, &mut buf);
         let Next::Record(r, n) = decode(&buf) else {
             panic!("first record")
         };
         assert_eq!((r.kind, r.sequence, n as usize), (Kind::Attempt, 7, one));
+        assert_eq!(r.hash, h1);
+        let Next::Record(r2, _) = decode(&buf[one..]) else {
+            panic!("second record")
+        };
+        assert_eq!(r2.prev, h1, "records chain");
         assert_eq!(r.event, ev);
         // Every cut of the second record is seen as such.
         for cut in one + 1..buf.len() {

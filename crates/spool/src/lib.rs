@@ -336,6 +336,30 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_record_removed_from_disk_breaks_the_record_chain() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(cfg(dir.path())).unwrap();
+        for _ in 0..3 {
+            spool.attempt(ev("echo")).await.unwrap();
+        }
+        drop(spool);
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let (_, path) = writer::list_segments(dir.path()).unwrap().remove(0);
+        assert_eq!(writer::recover(dir.path()).unwrap()[0].chain_breaks, 0);
+        // Cut the second record out: every checksum still holds.
+        let data = std::fs::read(&path).unwrap();
+        let h = format::HEADER_LEN as usize;
+        let len1 = 8 + u32::from_le_bytes(data[h..h + 4].try_into().unwrap()) as usize;
+        let at2 = h + len1;
+        let len2 = 8 + u32::from_le_bytes(data[at2..at2 + 4].try_into().unwrap()) as usize;
+        let mut cut = data[..at2].to_vec();
+        cut.extend_from_slice(&data[at2 + len2..]);
+        std::fs::write(&path, cut).unwrap();
+        let scanned = writer::recover(dir.path()).unwrap();
+        assert_eq!(scanned[0].chain_breaks, 1);
+    }
+
+    #[tokio::test]
     async fn a_full_spool_rejects_or_drops_as_configured() {
         let dir = tempfile::tempdir().unwrap();
         let mut c = cfg(dir.path());

@@ -60,6 +60,13 @@ pub(crate) struct Writer {
     index: u64,
     offset: u64,
     next_seq: u64,
+    /// Hash of the last record appended (the next one's `prev`), and of the
+    /// last one on disk: a failed write rolls back to it.
+    chain: [u8; 32],
+    durable_chain: [u8; 32],
+    /// Sequence numbers and backlog handed out to the group being built,
+    /// taken back if its write fails.
+    group_first_seq: u64,
     max_bytes: u64,
     segment_bytes: u64,
     when_full: WhenFull,
@@ -88,6 +95,9 @@ impl Writer {
             index,
             offset,
             next_seq: 1,
+            chain: [0; 32],
+            durable_chain: [0; 32],
+            group_first_seq: 1,
             max_bytes: cfg.max_bytes,
             segment_bytes: cfg.segment_bytes,
             when_full: cfg.when_full,
@@ -100,6 +110,7 @@ impl Writer {
         let mut group: Vec<Waiter> = Vec::new();
         while let Some(first) = rx.blocking_recv() {
             self.buf.clear();
+            self.group_first_seq = self.next_seq;
             self.take(first, &mut group);
             // Everything that queued while the last group was being written
             // joins this one: that is the group commit.
@@ -178,7 +189,7 @@ impl Writer {
             if kind == Kind::Attempt {
                 event.outcome = Outcome::Unknown as i32;
             }
-            format::encode(kind, seq, &event, &mut self.buf);
+            self.chain = format::encode(kind, seq, &self.chain, &event, &mut self.buf);
             Ok(seq)
         };
         if let Some(reply) = reply {
@@ -202,6 +213,7 @@ impl Writer {
             });
         match r {
             Ok(()) => {
+                self.durable_chain = self.chain;
                 self.offset += self.buf.len() as u64;
                 self.shared
                     .used_bytes
@@ -218,6 +230,17 @@ impl Writer {
                 metrics::counter!("sentinel_audit_spool_write_errors_total").increment(1);
                 let _ = self.file.set_len(self.offset);
                 let _ = self.file.seek(SeekFrom::Start(self.offset));
+                // The group is not on disk: its sequence numbers are handed
+                // out again, so the chain of sequences has no hole.
+                let lost = self.next_seq - self.group_first_seq;
+                self.next_seq = self.group_first_seq;
+                self.chain = self.durable_chain;
+                let _ =
+                    self.shared
+                        .unacked
+                        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |u| {
+                            Some(u.saturating_sub(lost))
+                        });
                 Err(e)
             }
         }
@@ -265,6 +288,8 @@ fn create_segment(
 pub(crate) struct Scanned {
     pub index: u64,
     pub epoch: u64,
+    /// Records in this segment that do not link to their predecessor.
+    pub chain_breaks: u64,
 }
 
 /// Checks every segment at start: a torn or corrupt tail is cut off (and
@@ -272,6 +297,10 @@ pub(crate) struct Scanned {
 /// Returns the valid segments in order.
 pub(crate) fn recover(dir: &Path) -> std::io::Result<Vec<Scanned>> {
     let mut out = Vec::new();
+    // The record chain of the epoch being read: (epoch, last hash). The
+    // first record found of an epoch is taken as it is (older segments may
+    // have been reclaimed); every later one must link to its predecessor.
+    let mut chain: Option<(u64, [u8; 32])> = None;
     for (index, path) in list_segments(dir)? {
         let data = std::fs::read(&path)?;
         let Some(epoch) = format::parse_header(&data) else {
@@ -281,9 +310,27 @@ pub(crate) fn recover(dir: &Path) -> std::io::Result<Vec<Scanned>> {
             continue;
         };
         let mut pos = format::HEADER_LEN as usize;
+        let mut chain_breaks = 0;
         loop {
             match format::decode(&data[pos..]) {
-                Next::Record(_, n) => pos += n as usize,
+                Next::Record(r, n) => {
+                    if let Some((e, last)) = chain
+                        && e == epoch
+                        && r.prev != last
+                    {
+                        tracing::error!(
+                            segment = %path.display(),
+                            offset = pos,
+                            epoch,
+                            sequence = r.sequence,
+                            "spool: record chain broken: records were altered, inserted or removed on disk"
+                        );
+                        metrics::counter!("sentinel_audit_spool_chain_breaks_total").increment(1);
+                        chain_breaks += 1;
+                    }
+                    chain = Some((epoch, r.hash));
+                    pos += n as usize;
+                }
                 Next::End => break,
                 Next::Corrupt(why) => {
                     let cut = data.len() - pos;
@@ -301,7 +348,11 @@ pub(crate) fn recover(dir: &Path) -> std::io::Result<Vec<Scanned>> {
                 }
             }
         }
-        out.push(Scanned { index, epoch });
+        out.push(Scanned {
+            index,
+            epoch,
+            chain_breaks,
+        });
     }
     Ok(out)
 }
