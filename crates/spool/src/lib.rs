@@ -162,11 +162,13 @@ impl Spool {
             .name("audit-spool".into())
             .spawn(move || writer.run(rx))
             .map_err(io)?;
+        let chain_breaks: u64 = scanned.iter().map(|s| s.chain_breaks).sum();
         tracing::info!(
             dir = %cfg.dir.display(),
             epoch,
             backlog,
             bytes = used,
+            chain_breaks,
             "audit spool open"
         );
         Ok(Spool { tx, shared })
