@@ -1274,14 +1274,27 @@ async fn slow_and_garbage_upstreams_are_upstream_errors() {
                 "{}"
             }),
         )
-        .route("/garbage", post(|| async { "<html>not mcp</html>" }));
+        .route("/garbage", post(|| async { "<html>not mcp</html>" }))
+        .route(
+            "/nullid",
+            post(|body: String| async move {
+                let v: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+                let answer = match v["method"].as_str() {
+                    Some("initialize") => json!({"jsonrpc":"2.0","id":v["id"],"result":{"protocolVersion":"2025-06-18","capabilities":{},"serverInfo":{"name":"n","version":"1"}}}),
+                    Some("tools/call") => json!({"jsonrpc":"2.0","id":null,"error":{"code":-32000,"message":"boom"}}),
+                    _ => return (http::StatusCode::ACCEPTED, String::new()),
+                };
+                (http::StatusCode::OK, answer.to_string())
+            }),
+        );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await });
     let mut slow = http_backend("slow", &format!("http://{addr}/slow"));
     slow.timeout_ms = 300;
     let garbage = http_backend("garbage", &format!("http://{addr}/garbage"));
-    let (policy, keys) = policy(vec![slow, garbage]);
+    let nullid = http_backend("nullid", &format!("http://{addr}/nullid"));
+    let (policy, keys) = policy(vec![slow, garbage, nullid]);
     let proxy = start(config(), Some(policy)).await;
     let c = client();
     for (i, name) in ["slow__x", "garbage__x"].iter().enumerate() {
@@ -1307,7 +1320,27 @@ async fn slow_and_garbage_upstreams_are_upstream_errors() {
             started.elapsed()
         );
     }
-    let events = proxy.sink.wait_for(2, Duration::from_secs(5)).await;
+    // An error answered with a null id is still this call's answer.
+    let r = modern_request(
+        &c,
+        &proxy.url(),
+        Some(&keys.admin),
+        &modern_body(
+            7,
+            "tools/call",
+            json!({"name": "nullid__x", "arguments": {}}),
+        ),
+    )
+    .send()
+    .await
+    .unwrap();
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(
+        (v["id"].clone(), v["error"]["message"].clone()),
+        (json!(7), json!("boom")),
+        "{v}"
+    );
+    let events = proxy.sink.wait_for(3, Duration::from_secs(5)).await;
     assert!(
         events.iter().all(|e| outcome(e) == Outcome::UpstreamError),
         "{events:?}"
@@ -1317,6 +1350,7 @@ async fn slow_and_garbage_upstreams_are_upstream_errors() {
         "{}",
         events[0].decision
     );
+    assert_eq!(events[2].jsonrpc_error_message, "boom");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -522,7 +522,17 @@ impl Relay {
 
     pub fn answer(mut self, reply: Reply) -> Answer {
         match reply {
-            Reply::Json(v) if v.is_object() => Answer::ok(self.transform(v)),
+            Reply::Json(mut v) if v.is_object() => {
+                // A JSON reply is the answer to this request, whatever id
+                // the upstream put on it (some answer errors with a null id).
+                if (v.get("result").is_some() || v.get("error").is_some())
+                    && v.get("method").is_none()
+                    && v.get("id") != Some(&self.id)
+                {
+                    v["id"] = self.id.clone();
+                }
+                Answer::ok(self.transform(v))
+            }
             Reply::Json(_) | Reply::Accepted => {
                 self.cancel = None;
                 let err = ProxyError::Upstream(UpstreamError::Garbage(
