@@ -256,7 +256,11 @@ async fn refusals_401_403_429_have_their_headers_and_one_audit_event_each() {
         .unwrap();
     assert!(retry >= 1);
 
-    let events = proxy.sink.wait_for(5, Duration::from_secs(5)).await;
+    proxy.sink.wait_for(5, Duration::from_secs(5)).await;
+    // Nothing more arrives: exactly one event per attempt.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let events = proxy.sink.events();
+    assert_eq!(events.len(), 5, "{events:?}");
     let outcomes: Vec<Outcome> = events.iter().map(outcome).collect();
     assert_eq!(
         outcomes,
