@@ -37,9 +37,55 @@ pub async fn start(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), BootError> {
+    let parts = parts(&config)?;
+    let served = crate::server::run(
+        config,
+        listener,
+        parts.reader.clone(),
+        parts.sink.clone(),
+        shutdown,
+    )
+    .await;
+    parts.stop();
+    served.map_err(BootError::from)
+}
+
+/// Runs the proxy as a local MCP server on stdin/stdout (for agents that
+/// launch their MCP servers as processes), with `credential` as the
+/// client's API key or token, until stdin closes.
+pub async fn start_stdio(config: Config, credential: String) -> Result<(), BootError> {
+    let parts = parts(&config)?;
+    let served = crate::server::run_stdio(
+        &config,
+        parts.reader.clone(),
+        parts.sink.clone(),
+        &credential,
+    )
+    .await;
+    parts.stop();
+    served.map_err(BootError::from)
+}
+
+/// What a running proxy is made of besides its front.
+struct Parts {
+    reader: crate::policy::PolicyReader,
+    sink: Arc<dyn AuditSink>,
+    publisher: Arc<crate::policy::PolicyPublisher>,
+    stop_tx: watch::Sender<bool>,
+}
+
+impl Parts {
+    /// Stops the background tasks (sync client, shipper).
+    fn stop(self) {
+        let _ = self.stop_tx.send(true);
+        drop(self.publisher);
+    }
+}
+
+fn parts(config: &Config) -> Result<Parts, BootError> {
     // Both TLS clients (reqwest, tonic) need a process-wide provider.
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let (publisher, reader) = policy_channel(&config);
+    let (publisher, reader) = policy_channel(config);
     if let Some(path) = &config.policy_file {
         let snapshot =
             PolicyFile::read(path).map_err(|e| BootError::Config(format!("policy_file: {e}")))?;
@@ -69,8 +115,8 @@ pub async fn start(
         );
         MemorySink::new()
     } else {
-        let channel = channel(&config)?;
-        let spool = Spool::open(spool_config(&config)?)?;
+        let channel = channel(config)?;
+        let spool = Spool::open(spool_config(config)?)?;
         tokio::spawn(shipper::run(
             spool.clone(),
             channel.clone(),
@@ -102,10 +148,12 @@ pub async fn start(
         Arc::new(SpoolSink(spool))
     };
 
-    let served = crate::server::run(config, listener, reader, sink, shutdown).await;
-    let _ = stop_tx.send(true);
-    drop(publisher);
-    served.map_err(BootError::from)
+    Ok(Parts {
+        reader,
+        sink,
+        publisher,
+        stop_tx,
+    })
 }
 
 fn spool_config(config: &Config) -> Result<SpoolConfig, BootError> {

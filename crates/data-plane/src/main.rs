@@ -14,6 +14,11 @@ struct Args {
     /// Path of the TOML configuration file.
     #[arg(long, short, env = "SENTINEL_PROXY_CONFIG")]
     config: Option<PathBuf>,
+    /// Serve MCP on stdin/stdout instead of HTTP (for agents that launch
+    /// their MCP servers as processes); the client's credential comes from
+    /// `SENTINEL_API_KEY`. Logs go to stderr.
+    #[arg(long)]
+    stdio: bool,
 }
 
 #[tokio::main]
@@ -32,6 +37,25 @@ async fn main() {
             std::process::exit(EXIT_BAD_CONFIG);
         }
     };
+    if args.stdio {
+        let Ok(credential) = std::env::var("SENTINEL_API_KEY") else {
+            eprintln!(
+                "invalid configuration:\n  SENTINEL_API_KEY: required with --stdio (the client's API key or token)"
+            );
+            std::process::exit(EXIT_BAD_CONFIG);
+        };
+        match boot::start_stdio(config, credential).await {
+            Ok(()) => return,
+            Err(e @ BootError::Config(_)) => {
+                eprintln!("{e}");
+                std::process::exit(EXIT_BAD_CONFIG);
+            }
+            Err(e) => {
+                eprintln!("sentinel-proxy: {e}");
+                std::process::exit(1);
+            }
+        }
+    }
     let listener = match tokio::net::TcpListener::bind(config.listen).await {
         Ok(l) => l,
         Err(e) => {
