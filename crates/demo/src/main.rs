@@ -161,11 +161,10 @@ async fn demo(args: DemoArgs, shutdown: CancellationToken) -> Result<(), DemoErr
             data_dir.join("pg").display()
         );
     }
-    let postgres = tokio::select! {
-        p = pg::provision(&data_dir, pg_port) => p,
-        _ = shutdown.cancelled() => return Ok(()),
-    };
-    let postgres = match postgres {
+    // Not raced against Ctrl-C: a cluster half started would be left
+    // running. Start-up is bounded by pg_ctl's own wait; `run` notices the
+    // request to stop and stops the cluster below.
+    let postgres = match pg::provision(&data_dir, pg_port).await {
         Ok(p) => p,
         Err(pg::PgError::Local(e)) => return Err(DemoError::Unavailable(e.to_string())),
         Err(pg::PgError::Other(e)) => return Err(DemoError::Unavailable(format!("{e:#}"))),
