@@ -30,6 +30,7 @@ struct Demo {
     err: Arc<Mutex<String>>,
     mcp: String,
     rest: String,
+    grpc: String,
     admin_token: String,
     developer_key: String,
     analyst_key: String,
@@ -130,6 +131,7 @@ impl Demo {
         let rest = token(line_with("REST API"), "http://")
             .trim_end_matches("/api/v1")
             .to_string();
+        let grpc = token(line_with("gRPC (admin)"), "http://");
         let admin_token = line_with("Admin token")
             .split_whitespace()
             .last()
@@ -144,6 +146,7 @@ impl Demo {
             err,
             mcp,
             rest,
+            grpc,
             admin_token,
             developer_key,
             analyst_key,
@@ -352,6 +355,26 @@ async fn exercise(demo: &Demo) {
     .await;
 }
 
+/// `sentinelctl audit query`, with the address and token the demo printed,
+/// when the workspace's `sentinelctl` is built next to `sentinel` (as
+/// `cargo test --workspace` does; it belongs to another package).
+fn sentinelctl_audit(demo: &Demo) -> Option<String> {
+    let ctl = Path::new(env!("CARGO_BIN_EXE_sentinel")).with_file_name("sentinelctl");
+    if !ctl.exists() {
+        eprintln!("{} not built: sentinelctl is not tried", ctl.display());
+        return None;
+    }
+    let out = Command::new(&ctl)
+        .args(["--addr", &demo.grpc, "--http", &demo.rest])
+        .env("SENTINEL_TOKEN", &demo.admin_token)
+        .args(["audit", "query", "--limit", "50"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run sentinelctl");
+    assert!(out.status.success(), "{out:?}");
+    Some(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 /// Runs the printed curl command and returns what it wrote.
 fn run_printed_curl(printed: &str) -> Option<String> {
     if Command::new("curl").arg("--version").output().is_err() {
@@ -387,6 +410,15 @@ async fn demo_on_database_url() {
     if let Some(answer) = answer {
         let v: Value = serde_json::from_str(&answer).expect("curl got JSON");
         assert_eq!(v["result"]["content"][0]["text"], "hello", "{v}");
+    }
+
+    if let Some(table) = sentinelctl_audit(&demo) {
+        assert!(
+            table
+                .lines()
+                .any(|l| l.contains("alice") && l.contains("lookup_customer")),
+            "{table}"
+        );
     }
 
     let status = demo.interrupt();
