@@ -46,6 +46,7 @@ pub async fn start(
         shutdown,
     )
     .await;
+    parts.drain(DRAIN).await;
     parts.stop();
     served.map_err(BootError::from)
 }
@@ -62,19 +63,41 @@ pub async fn start_stdio(config: Config, credential: String) -> Result<(), BootE
         &credential,
     )
     .await;
+    parts.drain(DRAIN).await;
     parts.stop();
     served.map_err(BootError::from)
 }
+
+/// How long a stopping proxy waits for its spool to be shipped. What is
+/// not shipped by then stays on disk and goes at the next start.
+const DRAIN: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// What a running proxy is made of besides its front.
 struct Parts {
     reader: crate::policy::PolicyReader,
     sink: Arc<dyn AuditSink>,
+    spool: Option<Spool>,
     publisher: Arc<crate::policy::PolicyPublisher>,
     stop_tx: watch::Sender<bool>,
 }
 
 impl Parts {
+    /// Waits (bounded) until the control plane acked everything spooled.
+    async fn drain(&self, limit: std::time::Duration) {
+        let Some(spool) = &self.spool else { return };
+        let deadline = tokio::time::Instant::now() + limit;
+        while spool.stats().backlog > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        let left = spool.stats().backlog;
+        if left > 0 {
+            tracing::warn!(
+                backlog = left,
+                "stopping with audit not yet shipped; it stays in the spool for the next start"
+            );
+        }
+    }
+
     /// Stops the background tasks (sync client, shipper).
     fn stop(self) {
         let _ = self.stop_tx.send(true);
@@ -109,6 +132,7 @@ fn parts(config: &Config) -> Result<Parts, BootError> {
         }
     };
 
+    let mut kept_spool = None;
     let sink: Arc<dyn AuditSink> = if cp.url.is_empty() {
         tracing::warn!(
             "no control_plane.url: audit events are kept in memory only and never shipped"
@@ -145,12 +169,14 @@ fn parts(config: &Config) -> Result<Parts, BootError> {
             }),
         };
         tokio::spawn(sync.run(channel, publisher.clone(), stopped()));
+        kept_spool = Some(spool.clone());
         Arc::new(SpoolSink(spool))
     };
 
     Ok(Parts {
         reader,
         sink,
+        spool: kept_spool,
         publisher,
         stop_tx,
     })
@@ -198,6 +224,25 @@ fn channel(config: &Config) -> Result<tonic::transport::Channel, BootError> {
                 BootError::Config(format!("control_plane.ca_file: {}: {e}", ca.display()))
             })?;
             tls = tls.ca_certificate(Certificate::from_pem(pem));
+        }
+        match (&cp.cert_file, &cp.key_file) {
+            (Some(cert), Some(key)) => {
+                let read = |p: &std::path::Path, field: &str| {
+                    std::fs::read(p).map_err(|e| {
+                        BootError::Config(format!("control_plane.{field}: {}: {e}", p.display()))
+                    })
+                };
+                tls = tls.identity(tonic::transport::Identity::from_pem(
+                    read(cert, "cert_file")?,
+                    read(key, "key_file")?,
+                ));
+            }
+            (None, None) => {}
+            _ => {
+                return Err(BootError::Config(
+                    "control_plane.cert_file: cert_file and key_file go together".into(),
+                ));
+            }
         }
         ep = ep.tls_config(tls).map_err(|e| bad(e.to_string()))?;
     }

@@ -63,6 +63,10 @@ pub struct ControlPlaneConfig {
     pub join_token: String,
     /// PEM CA bundle to verify the control plane with (optional).
     pub ca_file: Option<PathBuf>,
+    /// PEM client certificate and key this proxy presents when the control
+    /// plane requires mutual TLS (`grpc.tls.client_ca_pem`). Both or neither.
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
     /// Where the last applied snapshot is cached.
     pub cache_file: Option<PathBuf>,
 }
@@ -137,7 +141,11 @@ impl Config {
             }
             fig = fig.merge(Toml::file(p));
         }
-        fig = fig.merge(Env::prefixed("SENTINEL_PROXY_").split("__"));
+        fig = fig.merge(
+            Env::prefixed("SENTINEL_PROXY_")
+                .split("__")
+                .ignore(&["config"]),
+        );
         Self::from_figment(fig)
     }
 

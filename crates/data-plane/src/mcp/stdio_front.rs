@@ -120,7 +120,21 @@ where
         });
     }
     drop(tx);
-    let _ = writer.await;
+    // stdin closed: let the calls in flight finish (bounded), flush what
+    // they wrote, then stop. Relays of upstream notifications hold senders
+    // of their own, so waiting for the writer alone would never end.
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        limit.acquire_many(MAX_IN_FLIGHT as u32),
+    )
+    .await;
+    let mut writer = writer;
+    if tokio::time::timeout(std::time::Duration::from_millis(500), &mut writer)
+        .await
+        .is_err()
+    {
+        writer.abort();
+    }
     Ok(())
 }
 
