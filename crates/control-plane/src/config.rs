@@ -164,7 +164,11 @@ impl Config {
             }
             fig = fig.merge(Toml::file(p));
         }
-        fig = fig.merge(Env::prefixed("SENTINEL_CP_").split("__"));
+        fig = fig.merge(
+            Env::prefixed("SENTINEL_CP_")
+                .split("__")
+                .ignore(&["config"]),
+        );
         let mut cfg: Config = fig.extract().map_err(figment_errors)?;
         if let Ok(url) = std::env::var("DATABASE_URL")
             && !url.is_empty()

@@ -52,3 +52,17 @@ fn unreachable_database_is_reported_and_exits_69() {
     );
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+#[test]
+fn the_config_file_can_come_from_the_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("cp.toml");
+    std::fs::write(&file, "[sync]\nreload_interval_secs = \"soon\"\n").unwrap();
+    let out = cp().env("SENTINEL_CP_CONFIG", &file).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // The file was read (its error is reported), and `config` is not
+    // mistaken for a setting.
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(stderr.contains("sync.reload_interval_secs"), "{stderr}");
+    assert!(!stderr.contains("unknown field"), "{stderr}");
+}
