@@ -21,6 +21,7 @@ use sentinel_shared::proto::{
     Heartbeat, Hello, PolicyAck, PolicyReject, PolicySnapshot, ProxyMessage, ProxyStats,
     control_message, proxy_message,
 };
+use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
@@ -43,8 +44,18 @@ pub struct SyncClient {
 
 /// Loads the cached snapshot, if any, and publishes it.
 pub fn load_cache(path: &Path, publisher: &PolicyPublisher) -> Option<u64> {
-    let bytes = std::fs::read(path).ok()?;
-    let snapshot = match PolicySnapshot::decode(bytes.as_slice()) {
+    let file = std::fs::read(path).ok()?;
+    // Layout: SHA-256 of the snapshot, then the snapshot (protobuf).
+    let Some((sum, bytes)) = file.split_at_checked(32) else {
+        tracing::warn!(cache = %path.display(), "policy cache too short; ignored");
+        return None;
+    };
+    let digest: [u8; 32] = Sha256::digest(bytes).into();
+    if digest.as_slice() != sum {
+        tracing::warn!(cache = %path.display(), "policy cache fails its integrity check; ignored");
+        return None;
+    }
+    let snapshot = match PolicySnapshot::decode(bytes) {
         Ok(s) => s,
         Err(error) => {
             tracing::warn!(%error, cache = %path.display(), "policy cache unreadable; ignored");
@@ -63,10 +74,26 @@ pub fn load_cache(path: &Path, publisher: &PolicyPublisher) -> Option<u64> {
     }
 }
 
+/// Writes the cache owner-only (it holds key hashes and session keys),
+/// with a checksum, atomically.
 fn store_cache(path: &Path, snapshot: &PolicySnapshot) {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("tmp");
-    let r =
-        std::fs::write(&tmp, snapshot.encode_to_vec()).and_then(|()| std::fs::rename(&tmp, path));
+    let bytes = snapshot.encode_to_vec();
+    let digest: [u8; 32] = Sha256::digest(&bytes).into();
+    let r = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .and_then(|mut f| {
+            f.write_all(&digest)?;
+            f.write_all(&bytes)?;
+            f.sync_all()
+        })
+        .and_then(|()| std::fs::rename(&tmp, path));
     if let Err(error) = r {
         tracing::warn!(%error, cache = %path.display(), "policy cache not written");
     }
@@ -96,9 +123,15 @@ impl SyncClient {
             if started.elapsed() > Duration::from_secs(10) {
                 backoff = Duration::from_millis(100);
             }
+            // Jitter, so a fleet does not reconnect in lockstep after an
+            // outage: sleep between half and all of the backoff.
+            let mut r = [0u8; 2];
+            rand::fill(&mut r);
+            let wait =
+                backoff.mul_f64(0.5 + f64::from(u16::from_le_bytes(r)) / f64::from(u16::MAX) / 2.0);
             tokio::select! {
                 _ = &mut shutdown => return,
-                _ = tokio::time::sleep(backoff) => {}
+                _ = tokio::time::sleep(wait) => {}
             }
             backoff = (backoff * 2).min(Duration::from_secs(5));
         }
@@ -162,4 +195,34 @@ async fn send(tx: &mpsc::Sender<ProxyMessage>, m: proxy_message::Msg) -> Result<
     tx.send(ProxyMessage { msg: Some(m) })
         .await
         .map_err(|_| tonic::Status::cancelled("policy stream closed"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cache_is_owner_only_and_a_tampered_one_is_ignored() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("policy.cache");
+        let snap = PolicySnapshot {
+            version: 7,
+            ..Default::default()
+        };
+        store_cache(&path, &snap);
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let mut bytes = std::fs::read(&path).unwrap();
+        let (sum, body) = bytes.split_at(32);
+        let digest: [u8; 32] = Sha256::digest(body).into();
+        assert_eq!(sum, digest.as_slice());
+        // Flip a byte of the snapshot: the checksum no longer matches.
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        std::fs::write(&path, &bytes).unwrap();
+        let cfg = crate::config::Config::default();
+        let (publisher, _reader) = crate::policy::policy_channel(&cfg);
+        assert_eq!(load_cache(&path, &publisher), None);
+    }
 }
