@@ -7,4 +7,5 @@
 mod end_to_end;
 mod faults;
 mod fleet;
+mod policy_file;
 mod stdio;
