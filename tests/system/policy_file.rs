@@ -70,7 +70,10 @@ async fn a_policy_file_applied_with_the_cli_is_what_can_i_says_and_the_proxy_enf
     std::fs::write(&file, policy(&py.url(), &["py/add", "py/shout"])).expect("rewrite policy");
     let (code, out) = tokio::task::block_in_place(|| ctl(&cp, &["policy", "diff", "-f", &f]));
     assert_eq!(code, 0, "{out}");
-    assert!(out.contains("role dev"), "diff names the changed role: {out}");
+    assert!(
+        out.contains("role dev"),
+        "diff names the changed role: {out}"
+    );
     let (code, out) = tokio::task::block_in_place(|| ctl(&cp, &["policy", "apply", "-f", &f]));
     assert_eq!(code, 0, "{out}");
     let (code, out) =
