@@ -93,6 +93,15 @@ impl PolicySync for SyncService {
         );
         metrics::gauge!("sentinel_sync_streams").increment(1.0);
 
+        // The snapshot on connect includes every change committed before
+        // the hello: if this instance's bus has not published the latest
+        // version yet (its notification is in flight), let it catch up.
+        if let Ok(latest) = store.policy_version().await
+            && self.bus.current().version() < latest
+        {
+            self.bus.poke();
+            self.bus.wait_for(latest, Duration::from_secs(2)).await;
+        }
         let mut rx = self.bus.subscribe();
         let first = rx.borrow_and_update().clone();
         let (tx, out) = mpsc::channel(8);
