@@ -5,7 +5,6 @@
 //! the proxy reconnects and resends, and event ids absorb the replay.
 
 use std::pin::Pin;
-use std::time::Duration;
 
 use futures::{Stream, StreamExt};
 use sentinel_shared::proto::audit_ingest_server::AuditIngest;
@@ -15,11 +14,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::{check_join_token, check_proxy_id};
+use super::{check_join_token, check_proxy_id, read_hello};
 use crate::state::AppState;
-
-/// Time a new stream has to say who it is.
-const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct IngestService {
     pub state: AppState,
@@ -39,23 +35,15 @@ impl AuditIngest for IngestService {
         request: Request<Streaming<IngestRequest>>,
     ) -> Result<Response<Out>, Status> {
         let mut inbound = request.into_inner();
-        let hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.next()).await {
-            Ok(Some(Ok(IngestRequest {
-                msg: Some(ingest_request::Msg::Hello(h)),
-            }))) => h,
-            Ok(Some(Ok(_))) => {
-                return Err(Status::invalid_argument(
-                    "hello: the first message must be an IngestHello",
-                ));
-            }
-            Ok(Some(Err(status))) => return Err(status),
-            Ok(None) => {
-                return Err(Status::invalid_argument(
-                    "hello: stream closed before hello",
-                ));
-            }
-            Err(_) => return Err(Status::deadline_exceeded("hello: not received in time")),
-        };
+        let hello = read_hello(
+            &mut inbound,
+            |m| match m.msg {
+                Some(ingest_request::Msg::Hello(h)) => Some(h),
+                _ => None,
+            },
+            "an IngestHello",
+        )
+        .await?;
         check_proxy_id(&hello.proxy_id)?;
         check_join_token(&self.state, &hello.join_token).await?;
         let proxy_id = hello.proxy_id;

@@ -6,12 +6,38 @@ pub mod ingest;
 pub mod sync;
 
 use sentinel_shared::keys::secrets_equal;
-use tonic::Status;
+use std::time::Duration;
+
+use futures::StreamExt;
+use tonic::{Status, Streaming};
 
 use crate::state::{AppState, bearer};
 
 /// Longest proxy id accepted: it names rows and metric labels.
 const MAX_PROXY_ID: usize = 128;
+
+/// Time a new stream has to say who it is.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Reads the hello every proxy stream must open with: `pick` returns it
+/// from the first message, or `None` when that message is something else
+/// (`expected` names it in the error).
+pub(crate) async fn read_hello<M, H>(
+    inbound: &mut Streaming<M>,
+    pick: impl FnOnce(M) -> Option<H>,
+    expected: &str,
+) -> Result<H, Status> {
+    match tokio::time::timeout(HELLO_TIMEOUT, inbound.next()).await {
+        Ok(Some(Ok(m))) => pick(m).ok_or_else(|| {
+            Status::invalid_argument(format!("hello: the first message must be {expected}"))
+        }),
+        Ok(Some(Err(status))) => Err(status),
+        Ok(None) => Err(Status::invalid_argument(
+            "hello: stream closed before hello",
+        )),
+        Err(_) => Err(Status::deadline_exceeded("hello: not received in time")),
+    }
+}
 
 /// Checks a proxy's join token: a bootstrap token from the configuration
 /// (constant-time) or one created through the admin API (stored hashed).

@@ -16,11 +16,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::{check_join_token, check_proxy_id};
+use super::{check_join_token, check_proxy_id, read_hello};
 use crate::policy_bus::{PolicyBus, Published};
 use crate::state::AppState;
-
-const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct SyncService {
     pub state: AppState,
@@ -56,23 +54,15 @@ impl PolicySync for SyncService {
         request: Request<Streaming<ProxyMessage>>,
     ) -> Result<Response<Out>, Status> {
         let mut inbound = request.into_inner();
-        let hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.next()).await {
-            Ok(Some(Ok(ProxyMessage {
-                msg: Some(proxy_message::Msg::Hello(h)),
-            }))) => h,
-            Ok(Some(Ok(_))) => {
-                return Err(Status::invalid_argument(
-                    "hello: the first message must be a Hello",
-                ));
-            }
-            Ok(Some(Err(status))) => return Err(status),
-            Ok(None) => {
-                return Err(Status::invalid_argument(
-                    "hello: stream closed before hello",
-                ));
-            }
-            Err(_) => return Err(Status::deadline_exceeded("hello: not received in time")),
-        };
+        let hello = read_hello(
+            &mut inbound,
+            |m| match m.msg {
+                Some(proxy_message::Msg::Hello(h)) => Some(h),
+                _ => None,
+            },
+            "a Hello",
+        )
+        .await?;
         check_proxy_id(&hello.proxy_id)?;
         check_join_token(&self.state, &hello.join_token).await?;
         let store = self.state.store.clone();
