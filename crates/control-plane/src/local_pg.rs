@@ -16,11 +16,21 @@ use std::time::{Duration, Instant};
 #[derive(Debug, thiserror::Error)]
 pub enum LocalPgError {
     #[error(
-        "no PostgreSQL server binaries found (looked in $SENTINEL_PG_BIN, /usr/lib/postgresql/*/bin and PATH). \
+        "no PostgreSQL server binaries found (looked in {}/*/bin and PATH; SENTINEL_PG_BIN names another directory). \
          Install them (Debian/Ubuntu: `apt-get install postgresql`) or set DATABASE_URL to a running server, \
-         e.g. DATABASE_URL=postgres://postgres@127.0.0.1:5432/sentinel"
+         e.g. DATABASE_URL=postgres://postgres@127.0.0.1:5432/sentinel",
+        .0.display()
     )]
-    NoBinaries,
+    NoBinaries(PathBuf),
+    /// `SENTINEL_PG_BIN` is set but does not hold the binaries: an explicit
+    /// choice is not silently replaced by whatever else is installed.
+    #[error(
+        "SENTINEL_PG_BIN={0} does not hold the PostgreSQL server binaries (initdb and pg_ctl). \
+         Point it at a PostgreSQL bin directory (Debian/Ubuntu: /usr/lib/postgresql/<version>/bin \
+         after `apt-get install postgresql`), unset it to search /usr/lib/postgresql/*/bin and PATH, \
+         or set DATABASE_URL to a running server"
+    )]
+    BadBinDir(PathBuf),
     #[error(
         "running as root and no unprivileged user (postgres or nobody) exists to run Postgres as"
     )]
@@ -67,7 +77,7 @@ impl LocalPg {
     /// With `durable = false`, fsync is off: fine for tests, never for data
     /// anyone keeps. Returns once the server accepts connections.
     pub fn start(data_dir: &Path, port: u16, durable: bool) -> Result<LocalPg, LocalPgError> {
-        let bin = find_bin_dir().ok_or(LocalPgError::NoBinaries)?;
+        let bin = find_bin_dir()?;
         let run_as = unprivileged_user()?;
         std::fs::create_dir_all(data_dir).map_err(io(data_dir))?;
         let pg = LocalPg {
@@ -190,32 +200,57 @@ pub fn port_open(port: u16) -> bool {
     .is_ok()
 }
 
-/// The directory holding `initdb` and `pg_ctl`.
-pub fn find_bin_dir() -> Option<PathBuf> {
-    if let Ok(dir) = std::env::var("SENTINEL_PG_BIN") {
-        let p = PathBuf::from(dir);
-        if p.join("initdb").exists() {
-            return Some(p);
-        }
+/// Where versioned installs are looked for (`<root>/<version>/bin`), the
+/// Debian and Ubuntu layout. `SENTINEL_PG_SEARCH_ROOT` replaces it.
+pub const PG_SEARCH_ROOT: &str = "/usr/lib/postgresql";
+
+/// The directory holding `initdb` and `pg_ctl`: `$SENTINEL_PG_BIN` when set
+/// (and then only there), else the newest `/usr/lib/postgresql/<version>/bin`
+/// (`$SENTINEL_PG_SEARCH_ROOT` instead of `/usr/lib/postgresql`), else the
+/// first `PATH` entry holding both.
+pub fn find_bin_dir() -> Result<PathBuf, LocalPgError> {
+    let explicit = std::env::var_os("SENTINEL_PG_BIN").filter(|v| !v.is_empty());
+    let root = std::env::var_os("SENTINEL_PG_SEARCH_ROOT")
+        .filter(|v| !v.is_empty())
+        .map_or_else(|| PathBuf::from(PG_SEARCH_ROOT), PathBuf::from);
+    find_bin_dir_in(
+        explicit.as_deref().map(Path::new),
+        &root,
+        std::env::var_os("PATH").as_deref(),
+    )
+}
+
+/// [`find_bin_dir`] with its inputs given: the explicit directory, the root
+/// of versioned installs, and a `PATH` value.
+pub fn find_bin_dir_in(
+    explicit: Option<&Path>,
+    root: &Path,
+    path: Option<&std::ffi::OsStr>,
+) -> Result<PathBuf, LocalPgError> {
+    let has_binaries = |dir: &Path| dir.join("initdb").is_file() && dir.join("pg_ctl").is_file();
+    if let Some(dir) = explicit {
+        return if has_binaries(dir) {
+            Ok(dir.to_path_buf())
+        } else {
+            Err(LocalPgError::BadBinDir(dir.to_path_buf()))
+        };
     }
-    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir(root)
         .into_iter()
         .flatten()
         .flatten()
         .filter_map(|e| {
             let v: u32 = e.file_name().to_str()?.parse().ok()?;
             let bin = e.path().join("bin");
-            bin.join("initdb").exists().then_some((v, bin))
+            has_binaries(&bin).then_some((v, bin))
         })
         .collect();
     versions.sort();
     if let Some((_, bin)) = versions.pop() {
-        return Some(bin);
+        return Ok(bin);
     }
-    std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .find(|p| p.join("initdb").exists() && p.join("pg_ctl").exists())
-    })
+    path.and_then(|paths| std::env::split_paths(paths).find(|p| has_binaries(p)))
+        .ok_or_else(|| LocalPgError::NoBinaries(root.to_path_buf()))
 }
 
 /// `None` when we are not root; otherwise the uid/gid to run Postgres as.
@@ -266,4 +301,69 @@ pub fn check_traversable(path: &Path) -> Result<(), LocalPgError> {
         p = dir.parent();
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A fake install: `dir` with empty `initdb` and `pg_ctl` files.
+    fn fake_bin(dir: &Path) -> PathBuf {
+        std::fs::create_dir_all(dir).unwrap();
+        for b in ["initdb", "pg_ctl"] {
+            std::fs::write(dir.join(b), "").unwrap();
+        }
+        dir.to_path_buf()
+    }
+
+    #[test]
+    fn the_binaries_are_searched_in_order_and_an_explicit_choice_is_kept() {
+        let tmp = tempfile::tempdir().unwrap();
+        let t = tmp.path();
+        let root = t.join("postgresql");
+        let empty = t.join("empty");
+        std::fs::create_dir_all(&empty).unwrap();
+        let on_path = fake_bin(&t.join("local/bin"));
+        let path = std::env::join_paths([empty.clone(), on_path.clone()]).unwrap();
+
+        // Nothing anywhere: the message says what to install and what to set.
+        let err = find_bin_dir_in(None, &root, Some(empty.as_os_str())).unwrap_err();
+        assert!(matches!(err, LocalPgError::NoBinaries(_)));
+        let msg = err.to_string();
+        assert!(msg.contains("apt-get install postgresql"), "{msg}");
+        assert!(msg.contains("DATABASE_URL"), "{msg}");
+        assert!(msg.contains(&root.display().to_string()), "{msg}");
+        assert!(matches!(
+            find_bin_dir_in(None, &root, None),
+            Err(LocalPgError::NoBinaries(_))
+        ));
+
+        // PATH, when nothing is installed under the root; an entry needs both.
+        std::fs::write(empty.join("initdb"), "").unwrap();
+        assert_eq!(
+            find_bin_dir_in(None, &root, Some(&path)).ok(),
+            Some(on_path.clone())
+        );
+
+        // The newest version under the root wins over PATH; a version
+        // directory without the binaries and a non-version name are skipped.
+        let v15 = fake_bin(&root.join("15/bin"));
+        let v9 = fake_bin(&root.join("9/bin"));
+        std::fs::create_dir_all(root.join("17/bin")).unwrap();
+        fake_bin(&root.join("latest/bin"));
+        assert_eq!(find_bin_dir_in(None, &root, Some(&path)).ok(), Some(v15));
+
+        // An explicit directory is used, or is an error naming it: never
+        // silently replaced by another install.
+        assert_eq!(
+            find_bin_dir_in(Some(&v9), &root, Some(&path)).ok(),
+            Some(v9)
+        );
+        let err = find_bin_dir_in(Some(&empty), &root, Some(&path)).unwrap_err();
+        let msg = err.to_string();
+        assert!(matches!(err, LocalPgError::BadBinDir(_)), "{msg}");
+        assert!(msg.contains("SENTINEL_PG_BIN="), "{msg}");
+        assert!(msg.contains(&empty.display().to_string()), "{msg}");
+        assert!(msg.contains("DATABASE_URL"), "{msg}");
+    }
 }

@@ -440,7 +440,7 @@ async fn demo_on_database_url() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_runs_its_own_cluster_and_a_second_run_reuses_it() {
-    if sentinel_control_plane::local_pg::find_bin_dir().is_none() {
+    if sentinel_control_plane::local_pg::find_bin_dir().is_err() {
         eprintln!("no PostgreSQL binaries on this machine: skipped");
         return;
     }
@@ -485,4 +485,79 @@ async fn demo_runs_its_own_cluster_and_a_second_run_reuses_it() {
     let status = second.interrupt();
     assert!(status.success(), "exit {status}:\n{}", second.stderr());
     drop(second);
+}
+
+/// Runs `sentinel demo` without `DATABASE_URL`, with `env` set, until it
+/// exits on its own (bounded): its exit code and stderr.
+fn demo_until_exit(data_dir: &Path, env: &[(&str, &Path)]) -> (Option<i32>, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_sentinel"));
+    cmd.args(["demo", "--port-base", "0", "--data-dir"])
+        .arg(data_dir)
+        .env_remove("DATABASE_URL")
+        .env_remove("SENTINEL_PG_BIN")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("spawn sentinel demo");
+    let err = collect(child.stderr.take().unwrap());
+    let _out = collect(child.stdout.take().unwrap());
+    let deadline = Instant::now() + STOP_LIMIT;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "sentinel demo did not give up within {STOP_LIMIT:?}:\n{}",
+                err.lock().unwrap()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    // The reader thread finishes at EOF, right after the exit.
+    std::thread::sleep(Duration::from_millis(200));
+    let text = err.lock().unwrap().clone();
+    (status.code(), text)
+}
+
+#[test]
+fn without_database_url_or_postgres_binaries_the_demo_says_what_to_install() {
+    let dir = data_dir();
+    let empty = dir.join("no-binaries-here");
+    std::fs::create_dir_all(&empty).unwrap();
+
+    // Nothing anywhere: no versioned install under the search root, nothing
+    // on PATH (the demo needs no other program before Postgres).
+    let (code, stderr) = demo_until_exit(
+        &dir,
+        &[("SENTINEL_PG_SEARCH_ROOT", &empty), ("PATH", &empty)],
+    );
+    assert_eq!(code, Some(69), "{stderr}");
+    assert!(
+        stderr.contains("no PostgreSQL server binaries found"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("apt-get install postgresql"),
+        "names the Debian package: {stderr}"
+    );
+    assert!(stderr.contains("DATABASE_URL="), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(!dir.join("pg/PG_VERSION").exists(), "no cluster was made");
+
+    // An explicit SENTINEL_PG_BIN without the binaries is an error naming
+    // it, even though this machine may have PostgreSQL installed elsewhere.
+    let (code, stderr) = demo_until_exit(&dir, &[("SENTINEL_PG_BIN", &empty)]);
+    assert_eq!(code, Some(69), "{stderr}");
+    assert!(
+        stderr.contains(&format!("SENTINEL_PG_BIN={}", empty.display())),
+        "{stderr}"
+    );
+    assert!(stderr.contains("DATABASE_URL"), "{stderr}");
+    assert!(!dir.join("pg/PG_VERSION").exists(), "no cluster was made");
 }
