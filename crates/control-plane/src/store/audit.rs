@@ -87,45 +87,58 @@ impl Store {
         proxy_id: &str,
         events: Vec<AuditEvent>,
     ) -> Result<IngestResult> {
-        let mut valid = Vec::with_capacity(events.len());
-        let mut dead = Vec::new();
-        for ev in events {
-            match check_ingest(proxy_id, &ev) {
-                Ok(ts) => valid.push((ev, ts)),
-                Err(reason) => dead.push((ev, reason)),
-            }
-        }
-        let days: HashSet<Date> = valid.iter().map(|(_, ts)| ts.date()).collect();
+        self.ingest_prepared(PreparedBatch::new(proxy_id, events))
+            .await
+    }
+
+    /// Stores a batch prepared by [`PreparedBatch::new`], in one
+    /// transaction; returns only after commit. The ingest stream prepares
+    /// the next batch while this one is in the database.
+    pub async fn ingest_prepared(&self, batch: PreparedBatch) -> Result<IngestResult> {
+        let PreparedBatch {
+            proxy_id,
+            mut cols,
+            self_ok,
+            dead,
+            days,
+        } = batch;
+        let proxy_id = proxy_id.as_str();
         self.ensure_partitions(days).await?;
 
         let mut tx = self.pool.begin().await?;
         // Chain bookkeeping per epoch, events in sequence order.
-        let mut by_epoch: BTreeMap<u64, Vec<usize>> = BTreeMap::new();
-        for (i, (ev, _)) in valid.iter().enumerate() {
-            by_epoch.entry(ev.epoch).or_default().push(i);
+        let mut by_epoch: BTreeMap<i64, Vec<usize>> = BTreeMap::new();
+        for (i, epoch) in cols.epoch.iter().enumerate() {
+            by_epoch.entry(*epoch).or_default().push(i);
         }
-        let mut chain_ok = vec![true; valid.len()];
-        let mut chain_dup = vec![false; valid.len()];
+        let n = cols.event_id.len();
+        let mut chain_dup = vec![false; n];
+        cols.chain_ok = vec![true; n];
         let mut chains = Vec::new();
         for (epoch, mut idx) in by_epoch {
-            idx.sort_by_key(|&i| valid[i].0.sequence);
-            let mut chain = ChainState::lock(&mut tx, proxy_id, epoch).await?;
+            idx.sort_by_key(|&i| cols.sequence[i]);
+            let mut chain = ChainState::lock(&mut tx, proxy_id, epoch as u64).await?;
             for i in idx {
-                let (ok, dup) = chain.advance(&mut tx, &valid[i].0).await?;
-                chain_ok[i] = ok;
+                let link = Link {
+                    sequence: cols.sequence[i] as u64,
+                    prev_hash: &cols.prev_hash[i],
+                    hash: &cols.hash[i],
+                    self_ok: self_ok[i],
+                };
+                let (ok, dup) = chain.advance(&mut tx, link).await?;
+                cols.chain_ok[i] = ok;
                 chain_dup[i] = dup;
             }
             chains.push(chain);
         }
 
-        let inserted_ids = insert_events(&mut tx, &valid, &chain_ok).await?;
+        let inserted_ids = insert_events(&mut tx, &cols).await?;
         // An event the chain took for a replay but that was new is a second
         // event claiming a sequence number already used: a break.
-        for (i, (ev, _)) in valid.iter().enumerate() {
-            if chain_dup[i]
-                && let Ok(id) = uuid::Uuid::parse_str(&ev.event_id)
-                && inserted_ids.contains(&id)
-                && let Some(c) = chains.iter_mut().find(|c| c.epoch == ev.epoch)
+        for (i, dup) in chain_dup.iter().enumerate() {
+            if *dup
+                && inserted_ids.contains(&cols.event_id[i])
+                && let Some(c) = chains.iter_mut().find(|c| c.epoch == cols.epoch[i] as u64)
             {
                 c.breaks += 1;
             }
@@ -147,7 +160,7 @@ impl Store {
         let inserted = inserted_ids.len() as u32;
         let result = IngestResult {
             inserted,
-            duplicates: valid.len() as u32 - inserted,
+            duplicates: n as u32 - inserted,
             dead_lettered: dead.len() as u32,
         };
         metrics::counter!("sentinel_audit_events_ingested_total", "result" => "inserted")
@@ -476,8 +489,9 @@ impl Store {
     }
 }
 
-/// Validates one event for the stream of `proxy_id`; returns its timestamp.
-fn check_ingest(proxy_id: &str, ev: &AuditEvent) -> Result<OffsetDateTime, String> {
+/// Validates one event for the stream of `proxy_id`; returns its timestamp
+/// and id.
+fn check_ingest(proxy_id: &str, ev: &AuditEvent) -> Result<(OffsetDateTime, uuid::Uuid), String> {
     validate_event(ev)?;
     if ev.proxy_id != proxy_id {
         return Err(format!(
@@ -501,7 +515,60 @@ fn check_ingest(proxy_id: &str, ev: &AuditEvent) -> Result<OffsetDateTime, Strin
     if id_ms != ev.timestamp_us.div_euclid(1000) {
         return Err("timestamp_us: does not match the time in event_id".into());
     }
-    Ok(from_us(ev.timestamp_us))
+    Ok((from_us(ev.timestamp_us), id))
+}
+
+/// A batch checked and laid out for the insert, before any database work:
+/// validation, each event's own hash (SHA-256 over its encoding) and the
+/// column arrays. This is the CPU part of ingest; the ingest stream does it
+/// for the next batch while the previous one is in the database.
+pub struct PreparedBatch {
+    proxy_id: String,
+    /// The valid events as column arrays; `chain_ok` is filled in by
+    /// ingest, under the chain lock.
+    cols: Columns,
+    /// Whether each valid event's hash matches its content.
+    self_ok: Vec<bool>,
+    /// Invalid events with the reason, for the dead-letter table.
+    dead: Vec<(AuditEvent, String)>,
+    /// The days the valid events fall on: the partitions they need.
+    days: HashSet<Date>,
+}
+
+impl PreparedBatch {
+    /// Checks the events received on the stream of `proxy_id`.
+    pub fn new(proxy_id: &str, events: Vec<AuditEvent>) -> PreparedBatch {
+        let mut cols = Columns::with_capacity(events.len());
+        let mut self_ok = Vec::with_capacity(events.len());
+        let mut dead = Vec::new();
+        let mut days = HashSet::new();
+        for ev in events {
+            match check_ingest(proxy_id, &ev) {
+                Ok((ts, id)) => {
+                    self_ok.push(hash_ok(&ev));
+                    days.insert(ts.date());
+                    cols.push(ev, id, ts);
+                }
+                Err(reason) => dead.push((ev, reason)),
+            }
+        }
+        PreparedBatch {
+            proxy_id: proxy_id.to_string(),
+            cols,
+            self_ok,
+            dead,
+            days,
+        }
+    }
+}
+
+/// What the chain check needs of one event.
+struct Link<'a> {
+    sequence: u64,
+    prev_hash: &'a [u8],
+    hash: &'a [u8],
+    /// Whether the event's hash matches its content.
+    self_ok: bool,
 }
 
 /// The chain of one (proxy, epoch), locked for the batch's transaction.
@@ -575,10 +642,10 @@ impl ChainState {
     async fn advance(
         &mut self,
         tx: &mut Transaction<'static, Postgres>,
-        ev: &AuditEvent,
+        ev: Link<'_>,
     ) -> Result<(bool, bool)> {
         let s = ev.sequence;
-        let self_ok = hash_ok(ev);
+        let self_ok = ev.self_ok;
         if s > self.max_seq {
             let link_ok = if s == self.max_seq + 1 {
                 ev.prev_hash == self.last_hash
@@ -592,8 +659,8 @@ impl ChainState {
                 true
             };
             self.max_seq = s;
-            self.last_hash = ev.hash.clone();
-            self.batch_hashes.insert(s, ev.hash.clone());
+            self.last_hash = ev.hash.to_vec();
+            self.batch_hashes.insert(s, ev.hash.to_vec());
             let ok = self_ok && link_ok;
             if !ok {
                 self.breaks += 1;
@@ -628,7 +695,7 @@ impl ChainState {
         {
             ok = false;
         }
-        self.batch_hashes.insert(s, ev.hash.clone());
+        self.batch_hashes.insert(s, ev.hash.to_vec());
         if !ok {
             self.breaks += 1;
         }
@@ -707,46 +774,40 @@ async fn stored_prev_hash(
 /// One multi-row INSERT of column arrays; returns the ids actually inserted.
 async fn insert_events(
     tx: &mut Transaction<'static, Postgres>,
-    valid: &[(AuditEvent, OffsetDateTime)],
-    chain_ok: &[bool],
+    c: &Columns,
 ) -> Result<HashSet<uuid::Uuid>> {
-    if valid.is_empty() {
+    if c.event_id.is_empty() {
         return Ok(HashSet::new());
     }
-    let n = valid.len();
-    let mut c = Columns::with_capacity(n);
-    for ((ev, ts), ok) in valid.iter().zip(chain_ok) {
-        c.push(ev, *ts, *ok);
-    }
     let rows: Vec<(uuid::Uuid,)> = sqlx::query_as(include_str!("sql/insert_events.sql"))
-        .bind(c.event_id)
-        .bind(c.ts)
-        .bind(c.request_id)
-        .bind(c.proxy_id)
-        .bind(c.epoch)
-        .bind(c.sequence)
-        .bind(c.subject)
-        .bind(c.role)
-        .bind(c.api_key_id)
-        .bind(c.auth_method)
-        .bind(c.session_id)
-        .bind(c.mcp_method)
-        .bind(c.tool)
-        .bind(c.backend)
-        .bind(c.arguments)
-        .bind(c.arguments_truncated)
-        .bind(c.response)
-        .bind(c.outcome)
-        .bind(c.http_status)
-        .bind(c.jsonrpc_error_code)
-        .bind(c.jsonrpc_error_message)
-        .bind(c.latency_us)
-        .bind(c.decision)
-        .bind(c.protocol_version)
-        .bind(c.client_name)
-        .bind(c.prev_hash)
-        .bind(c.hash)
-        .bind(c.chain_ok)
+        .bind(&c.event_id)
+        .bind(&c.ts)
+        .bind(&c.request_id)
+        .bind(&c.proxy_id)
+        .bind(&c.epoch)
+        .bind(&c.sequence)
+        .bind(&c.subject)
+        .bind(&c.role)
+        .bind(&c.api_key_id)
+        .bind(&c.auth_method)
+        .bind(&c.session_id)
+        .bind(&c.mcp_method)
+        .bind(&c.tool)
+        .bind(&c.backend)
+        .bind(&c.arguments)
+        .bind(&c.arguments_truncated)
+        .bind(&c.response)
+        .bind(&c.outcome)
+        .bind(&c.http_status)
+        .bind(&c.jsonrpc_error_code)
+        .bind(&c.jsonrpc_error_message)
+        .bind(&c.latency_us)
+        .bind(&c.decision)
+        .bind(&c.protocol_version)
+        .bind(&c.client_name)
+        .bind(&c.prev_hash)
+        .bind(&c.hash)
+        .bind(&c.chain_ok)
         .fetch_all(&mut **tx)
         .await?;
     Ok(rows.into_iter().map(|(id,)| id).collect())
@@ -793,9 +854,12 @@ impl Columns {
         c
     }
 
-    fn push(&mut self, ev: &AuditEvent, ts: OffsetDateTime, chain_ok: bool) {
+    /// Takes `ev`, whose parsed id is `id` and time `ts`, by value: its
+    /// strings move into the arrays without a copy. `chain_ok` is set later.
+    fn push(&mut self, ev: AuditEvent, id: uuid::Uuid, ts: OffsetDateTime) {
         let AuditEvent {
-            event_id,
+            // Parsed already: `id`.
+            event_id: _,
             request_id,
             timestamp_us: _,
             proxy_id,
@@ -823,38 +887,35 @@ impl Columns {
             prev_hash,
             hash,
         } = ev;
-        self.event_id
-            .push(uuid::Uuid::parse_str(event_id).unwrap_or_default());
+        self.event_id.push(id);
         self.ts.push(ts);
-        self.request_id.push(request_id.clone());
-        self.proxy_id.push(proxy_id.clone());
-        self.epoch.push(*epoch as i64);
-        self.sequence.push(*sequence as i64);
-        self.subject.push(subject.clone());
-        self.role.push(role.clone());
-        self.api_key_id.push(api_key_id.clone());
-        self.auth_method.push(auth_method.clone());
-        self.session_id.push(session_id.clone());
-        self.mcp_method.push(mcp_method.clone());
-        self.tool.push(tool.clone());
-        self.backend.push(backend.clone());
-        self.arguments.push(arguments.clone());
-        self.arguments_truncated.push(*arguments_truncated);
-        self.response.push(response.clone());
+        self.request_id.push(request_id);
+        self.proxy_id.push(proxy_id);
+        self.epoch.push(epoch as i64);
+        self.sequence.push(sequence as i64);
+        self.subject.push(subject);
+        self.role.push(role);
+        self.api_key_id.push(api_key_id);
+        self.auth_method.push(auth_method);
+        self.session_id.push(session_id);
+        self.mcp_method.push(mcp_method);
+        self.tool.push(tool);
+        self.backend.push(backend);
+        self.arguments.push(arguments);
+        self.arguments_truncated.push(arguments_truncated);
+        self.response.push(response);
         self.outcome.push(
-            outcome_str(Outcome::try_from(*outcome).unwrap_or(Outcome::Unspecified)).to_string(),
+            outcome_str(Outcome::try_from(outcome).unwrap_or(Outcome::Unspecified)).to_string(),
         );
-        self.http_status.push(*http_status as i32);
-        self.jsonrpc_error_code.push(*jsonrpc_error_code);
-        self.jsonrpc_error_message
-            .push(jsonrpc_error_message.clone());
-        self.latency_us.push(*latency_us as i64);
-        self.decision.push(decision.clone());
-        self.protocol_version.push(protocol_version.clone());
-        self.client_name.push(client_name.clone());
-        self.prev_hash.push(prev_hash.clone());
-        self.hash.push(hash.clone());
-        self.chain_ok.push(chain_ok);
+        self.http_status.push(http_status as i32);
+        self.jsonrpc_error_code.push(jsonrpc_error_code);
+        self.jsonrpc_error_message.push(jsonrpc_error_message);
+        self.latency_us.push(latency_us as i64);
+        self.decision.push(decision);
+        self.protocol_version.push(protocol_version);
+        self.client_name.push(client_name);
+        self.prev_hash.push(prev_hash);
+        self.hash.push(hash);
     }
 }
 
@@ -1160,6 +1221,143 @@ pub(crate) mod tests {
                 .await
                 .unwrap();
         assert_eq!((contiguous, breaks), (10, 0));
+        let (bad,): (i64,) = sqlx::query_as("SELECT count(*) FROM audit_events WHERE NOT chain_ok")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+        assert_eq!(bad, 0);
+        assert!(
+            db.store
+                .verify_chains(None)
+                .await
+                .unwrap()
+                .problems
+                .is_empty()
+        );
+    }
+
+    /// `events` re-timed with `ts_of(sequence)` and re-sealed into a chain.
+    fn retimed(mut events: Vec<AuditEvent>, ts_of: impl Fn(u64) -> i64) -> Vec<AuditEvent> {
+        let mut prev = Vec::new();
+        for ev in &mut events {
+            ev.timestamp_us = ts_of(ev.sequence);
+            ev.event_id = audit::event_id_at(ev.timestamp_us);
+            seal(ev, &prev);
+            prev = ev.hash.clone();
+        }
+        events
+    }
+
+    async fn chain_row(db: &TestDb, epoch: i64) -> (i64, i64, i64) {
+        sqlx::query_as(
+            "SELECT contiguous_seq, max_seq, breaks FROM audit_chains WHERE proxy_id = 'p1' AND epoch = $1",
+        )
+        .bind(epoch)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap()
+    }
+
+    #[test]
+    fn a_prepared_batch_checks_events_without_the_database() {
+        let mut events = chain("p1", 1, 4);
+        events[1].tool = "tampered".into();
+        events[2].proxy_id = "p2".into();
+        let b = PreparedBatch::new("p1", events);
+        assert_eq!(b.cols.sequence, vec![1, 2, 4]);
+        assert_eq!(b.self_ok, vec![true, false, true]);
+        assert_eq!(b.dead.len(), 1);
+        assert!(b.dead[0].1.starts_with("proxy_id:"), "{}", b.dead[0].1);
+        assert_eq!(b.days.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_batch_spanning_two_days_lands_in_both_partitions() {
+        let db = TestDb::new().await;
+        // Three events just before midnight two days ago, three after it.
+        let midnight = OffsetDateTime::now_utc()
+            .date()
+            .previous_day()
+            .unwrap()
+            .midnight()
+            .assume_utc();
+        let midnight_us = to_us(midnight);
+        let events = retimed(chain("p1", 1, 6), |seq| {
+            midnight_us + (seq as i64 - 4) * 1_000_000
+        });
+        let r = db.store.ingest_batch("p1", events).await.unwrap();
+        assert_eq!((r.inserted, r.duplicates, r.dead_lettered), (6, 0, 0));
+        let day_before = midnight.date().previous_day().unwrap();
+        let per_part: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT tableoid::regclass::text, count(*) FROM audit_events GROUP BY 1 ORDER BY 1",
+        )
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+        assert_eq!(
+            per_part,
+            vec![
+                (partition_name(day_before), 3),
+                (partition_name(midnight.date()), 3)
+            ]
+        );
+        assert_eq!(chain_row(&db, 1).await, (6, 6, 0));
+        assert!(
+            db.store
+                .verify_chains(None)
+                .await
+                .unwrap()
+                .problems
+                .is_empty()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_replay_mixed_with_new_events_inserts_only_the_new_ones() {
+        let db = TestDb::new().await;
+        let events = chain("p1", 1, 8);
+        db.store
+            .ingest_batch("p1", events[..5].to_vec())
+            .await
+            .unwrap();
+        // 3..=5 again, with 6..=8 new, out of order.
+        let mut mixed = events[2..].to_vec();
+        mixed.reverse();
+        let r = db.store.ingest_batch("p1", mixed).await.unwrap();
+        assert_eq!((r.inserted, r.duplicates, r.dead_lettered), (3, 3, 0));
+        assert_eq!(chain_row(&db, 1).await, (8, 8, 0));
+        let (rows, bad): (i64, i64) = sqlx::query_as(
+            "SELECT count(*), count(*) FILTER (WHERE NOT chain_ok) FROM audit_events",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        assert_eq!((rows, bad), (8, 0));
+    }
+
+    #[tokio::test]
+    async fn a_gap_filled_by_a_later_batch_with_replays_clears() {
+        let db = TestDb::new().await;
+        let events = chain("p1", 2, 10);
+        db.store
+            .ingest_batch("p1", events[..3].to_vec())
+            .await
+            .unwrap();
+        db.store
+            .ingest_batch("p1", events[6..].to_vec())
+            .await
+            .unwrap();
+        assert_eq!(chain_row(&db, 2).await, (3, 10, 0));
+        // 2..=3 replayed with the missing 4..=6: the gap clears, the
+        // replays add nothing, nothing is taken for a break.
+        let r = db
+            .store
+            .ingest_batch("p1", events[1..6].to_vec())
+            .await
+            .unwrap();
+        assert_eq!((r.inserted, r.duplicates), (3, 2));
+        assert!(db.store.audit_gaps(None).await.unwrap().is_empty());
+        assert_eq!(chain_row(&db, 2).await, (10, 10, 0));
         let (bad,): (i64,) = sqlx::query_as("SELECT count(*) FROM audit_events WHERE NOT chain_ok")
             .fetch_one(&db.pool)
             .await
