@@ -5,13 +5,14 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::serve::ListenerExt;
 use metrics_exporter_prometheus::PrometheusHandle;
 use sentinel_shared::proto::admin_server::AdminServer;
 use sentinel_shared::proto::audit_ingest_server::AuditIngestServer;
 use sentinel_shared::proto::policy_sync_server::PolicySyncServer;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
+use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
 use crate::config::{Config, TlsConfig};
@@ -161,7 +162,13 @@ async fn serve_grpc(
         .add_service(sync)
         .add_service(ingest)
         .add_service(admin)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled_owned())
+        .serve_with_incoming_shutdown(
+            // `tcp_nodelay` above only applies to listeners tonic binds
+            // itself: without it a policy delta waits on Nagle for the
+            // proxy's delayed ACK (~40 ms).
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            shutdown.cancelled_owned(),
+        )
         .await
         .map_err(|e| StartError::Serve(format!("grpc: {e}")))
 }
@@ -187,6 +194,11 @@ async fn serve_http(
     shutdown: CancellationToken,
 ) -> Result<(), StartError> {
     let app = crate::rest::router_until(state, shutdown.clone());
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "TCP_NODELAY not set");
+        }
+    });
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await

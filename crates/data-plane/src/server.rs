@@ -10,6 +10,7 @@ use axum::Router;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::serve::ListenerExt;
 use http::StatusCode;
 use tokio::net::TcpListener;
 
@@ -49,6 +50,13 @@ pub async fn run_with_clock(
 ) -> std::io::Result<()> {
     let app = router(&config, policy, audit, clock);
     tracing::info!(addr = %listener.local_addr()?, proxy_id = %config.proxy_id, "sentinel-proxy serving");
+    // Small writes (SSE events, JSON-RPC answers) must not wait on Nagle
+    // for the client's delayed ACK.
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "TCP_NODELAY not set");
+        }
+    });
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
