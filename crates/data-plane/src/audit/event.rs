@@ -6,6 +6,7 @@
 //! client went away mid-stream) its `Drop` records outcome `unknown`: the
 //! `finally` that makes "exactly one event per attempt" hold.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -76,7 +77,7 @@ impl CallAudit {
     pub fn arguments(&mut self, args: Option<&Value>, snap: &Snapshot) {
         self.max_response = snap.audit.max_response_bytes as usize;
         let Some(args) = args else { return };
-        let raw = args.to_string();
+        let raw = json_text(args);
         let (text, cut) = audit_arguments(
             &raw,
             &snap.policy.redactor,
@@ -111,7 +112,7 @@ impl CallAudit {
     /// forwarded; the event is then completed as refused.
     pub async fn attempt(&mut self) -> Result<(), AuditUnavailable> {
         self.ev.latency_us = self.started.elapsed().as_micros() as u64;
-        self.ev.decision = Value::Object(self.decision.clone()).to_string();
+        self.ev.decision = json_text(&self.decision);
         match self.sink.attempt(&self.ev).await {
             Ok(t) => {
                 self.ticket = Some(t);
@@ -132,11 +133,12 @@ impl CallAudit {
             self.verdict("forward", true, "upstream answered");
             self.ev.outcome = Outcome::Ok as i32;
             self.ev.http_status = u32::from(http_status);
-            let result = answer
-                .get("result")
-                .map(Value::to_string)
-                .unwrap_or_default();
-            self.ev.response = scrub(&bound_text(&result, self.max_response).0).into_owned();
+            let result = answer.get("result").map(json_text).unwrap_or_default();
+            let (bounded, _) = bound_text(&result, self.max_response);
+            self.ev.response = match scrub(&bounded) {
+                Cow::Borrowed(_) => bounded,
+                Cow::Owned(clean) => clean,
+            };
         }
         self.complete();
     }
@@ -172,7 +174,8 @@ impl CallAudit {
 
     fn take(&mut self) -> AuditEvent {
         self.ev.latency_us = self.started.elapsed().as_micros() as u64;
-        self.ev.decision = Value::Object(std::mem::take(&mut self.decision)).to_string();
+        self.ev.decision = json_text(&self.decision);
+        self.decision.clear();
         let outcome = Outcome::try_from(self.ev.outcome).unwrap_or(Outcome::Unknown);
         metrics::counter!("sentinel_tool_calls_total", "outcome" => outcome_str(outcome))
             .increment(1);
@@ -180,6 +183,13 @@ impl CallAudit {
             .record(self.started.elapsed().as_secs_f64());
         std::mem::take(&mut self.ev)
     }
+}
+
+/// Compact JSON text, as `Value`'s `Display` writes it, but straight into
+/// bytes: `Display` goes through `fmt::Write` a piece at a time, which
+/// costs more per byte than the text of a 1 KB argument is worth.
+fn json_text<T: serde::Serialize + ?Sized>(v: &T) -> String {
+    serde_json::to_string(v).unwrap_or_default()
 }
 
 impl Drop for CallAudit {
