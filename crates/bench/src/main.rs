@@ -7,6 +7,8 @@
 //!   first 401 a client of a real proxy sees.
 //! - `ingest`: events/s the control plane commits from the ingest stream,
 //!   against a raw `COPY` of the same rows into the same table.
+//! - `overhead`: latency, throughput, CPU and memory of the proxy against
+//!   the upstream alone and nginx, as separate processes (`overhead.rs`).
 //!
 //! Run with `cargo run --release -p sentinel-bench -- all` (or one name;
 //! `--quick` for the CI smoke version).
@@ -14,6 +16,9 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a benchmark stops loudly
 
 mod ingest;
+mod load;
+mod overhead;
+mod procs;
 mod propagation;
 
 use std::net::SocketAddr;
@@ -45,6 +50,7 @@ struct Cli {
 enum What {
     Propagation,
     Ingest,
+    Overhead,
     All,
 }
 
@@ -130,6 +136,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if matches!(cli.what, What::Ingest | What::All) {
         json.insert("ingest".into(), ingest::run(cli.quick).await);
+    }
+    if matches!(cli.what, What::Overhead | What::All) {
+        json.insert("overhead".into(), overhead::run(cli.quick).await);
     }
     println!("{}", serde_json::Value::Object(json));
     Ok(())

@@ -13,7 +13,9 @@
 //!   issues an `Mcp-Session-Id`, which every later request carries; DELETE
 //!   ends it.
 //!
-//! Answers are always `application/json`: no tool here streams. A request
+//! Answers are `application/json`; with [`Options::sse`] (for measuring a
+//! proxy's SSE relay) a `tools/call` result is sent as a one-event
+//! `text/event-stream` instead. A request
 //! is parsed into borrowed views of the body and the answer is written
 //! straight into one buffer, so a call allocates little beyond its response.
 
@@ -66,9 +68,26 @@ const CUSTOMERS: [(&str, &str, &str, &str); 3] = [
     ("C-1003", "Alan Turing", "alan@example.com", "free"),
 ];
 
+/// How the upstream answers.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Options {
+    /// Answer `tools/call` as `text/event-stream` (one `message` event,
+    /// then the end of the stream) instead of `application/json`.
+    pub sse: bool,
+}
+
 /// Serves the demo upstream on `listener` until `shutdown` resolves.
 pub async fn serve(
     listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    serve_with(listener, Options::default(), shutdown).await
+}
+
+/// [`serve`] with [`Options`].
+pub async fn serve_with(
+    listener: TcpListener,
+    options: Options,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     use axum::serve::ListenerExt;
@@ -76,21 +95,37 @@ pub async fn serve(
     let listener = listener.tap_io(|tcp| {
         let _ = tcp.set_nodelay(true);
     });
-    axum::serve(listener, router())
+    axum::serve(listener, router_with(options))
         .with_graceful_shutdown(shutdown)
         .await
 }
 
 /// The upstream's routes: `/mcp` only.
 pub fn router() -> Router {
-    Router::new()
-        .route("/mcp", any(mcp))
-        .with_state(Arc::new(Sessions::default()))
+    router_with(Options::default())
 }
 
-/// Legacy sessions in issue order.
+/// [`router`] with [`Options`].
+pub fn router_with(options: Options) -> Router {
+    Router::new()
+        .route("/mcp", any(mcp))
+        .with_state(Arc::new(Sessions {
+            sse: options.sse,
+            ..Sessions::default()
+        }))
+}
+
+/// Legacy sessions in issue order, and how to frame tool results.
 #[derive(Default)]
-struct Sessions(Mutex<SessionSet>);
+struct Sessions {
+    set: Mutex<SessionSet>,
+    sse: bool,
+}
+
+/// Marks a response as a `tools/call` answer, which [`Options::sse`]
+/// re-frames as an event stream.
+#[derive(Clone, Copy)]
+struct ToolAnswer;
 
 #[derive(Default)]
 struct SessionSet {
@@ -127,7 +162,7 @@ impl Sessions {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, SessionSet> {
         // A panic while holding the lock leaves a set that is still valid.
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
+        self.set.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -193,7 +228,30 @@ async fn mcp(State(sessions): State<Arc<Sessions>>, req: Request) -> Response {
             );
         }
     };
-    handle(&sessions, &parts.headers, &body)
+    let answer = handle(&sessions, &parts.headers, &body);
+    if sessions.sse && answer.extensions().get::<ToolAnswer>().is_some() {
+        return as_event_stream(answer).await;
+    }
+    answer
+}
+
+/// A JSON answer re-sent as one SSE `message` event; the stream then ends.
+async fn as_event_stream(answer: Response) -> Response {
+    let (mut parts, body) = answer.into_parts();
+    let Ok(json) = axum::body::to_bytes(body, MAX_BODY).await else {
+        return error_response(StatusCode::INTERNAL_SERVER_ERROR, None, -32603, "internal");
+    };
+    let mut out = Vec::with_capacity(json.len() + 24);
+    out.extend_from_slice(b"event: message\ndata: ");
+    out.extend_from_slice(&json);
+    out.extend_from_slice(b"\n\n");
+    parts
+        .headers
+        .insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    parts
+        .headers
+        .insert("cache-control", HeaderValue::from_static("no-cache"));
+    Response::from_parts(parts, Body::from(out))
 }
 
 /// Browsers may only reach this loopback server from loopback pages
@@ -315,7 +373,11 @@ fn handle(sessions: &Sessions, headers: &HeaderMap, body: &Bytes) -> Response {
             out.extend_from_slice(TOOLS.as_bytes());
             out.push(b'}');
         }),
-        "tools/call" => call_tool(id, &params, modern),
+        "tools/call" => {
+            let mut r = call_tool(id, &params, modern);
+            r.extensions_mut().insert(ToolAnswer);
+            r
+        }
         _ => error_response(StatusCode::OK, Some(id), -32601, "method not found"),
     }
 }
@@ -748,6 +810,42 @@ mod tests {
         )
         .await;
         assert_eq!(s, StatusCode::NOT_FOUND);
+    }
+
+    #[tokio::test]
+    async fn sse_option_streams_tool_results_only() {
+        let app = router_with(Options { sse: true });
+        let resp = app
+            .clone()
+            .oneshot(
+                http::Request::post("/mcp")
+                    .header("content-type", "application/json")
+                    .header("mcp-protocol-version", MODERN)
+                    .body(Body::from(modern_call("echo", json!({"message": "s"}))))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(resp.headers()[CONTENT_TYPE], "text/event-stream");
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        let text = std::str::from_utf8(&bytes).unwrap();
+        let data = text
+            .strip_prefix("event: message\ndata: ")
+            .and_then(|t| t.strip_suffix("\n\n"))
+            .expect("one message event");
+        let v: Value = serde_json::from_str(data).unwrap();
+        assert_eq!(v["result"]["content"][0]["text"], "s");
+        // Everything else stays JSON.
+        let (s, h, v) = post(
+            &app,
+            MODERN_H,
+            r#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#,
+        )
+        .await;
+        assert_eq!(s, StatusCode::OK);
+        assert_eq!(h[CONTENT_TYPE], "application/json");
+        assert_eq!(v["result"], json!({}));
     }
 
     #[tokio::test]
