@@ -7,5 +7,6 @@
 mod end_to_end;
 mod faults;
 mod fleet;
+mod passthrough;
 mod policy_file;
 mod stdio;
