@@ -624,6 +624,83 @@ async fn audit_query_tail_export_verify_and_gaps() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_query_near_gap_shows_what_surrounds_missing_records() {
+    let db = TestDb::new().await;
+    let cp = start_cp(&db).await;
+    let evs = chain("proxy-7", 4, 6);
+    // 1, 2 and 5 arrive; 3 and 4 are missing.
+    db.store
+        .ingest_batch(
+            "proxy-7",
+            vec![evs[0].clone(), evs[1].clone(), evs[4].clone()],
+        )
+        .await
+        .unwrap();
+    db.store
+        .ingest_batch("proxy-8", chain("proxy-8", 1, 3))
+        .await
+        .unwrap();
+
+    let near = ctl(&cp, &["audit", "query", "--near-gap"]).await.ok();
+    let lines: Vec<&str> = near.stdout.lines().collect();
+    assert!(lines[0].starts_with("TIME "), "{near:#?}");
+    assert_eq!(lines.len(), 3, "{near:#?}");
+    // Newest first: the event after the hole, then the one before it.
+    assert!(lines[1].contains("proxy-7-req-5"), "{near:#?}");
+    assert!(lines[1].contains("(after missing 3-4)"), "{near:#?}");
+    assert!(lines[2].contains("proxy-7-req-2"), "{near:#?}");
+    assert!(lines[2].contains("(then missing 3-4)"), "{near:#?}");
+    let json = ctl(&cp, &["audit", "query", "--near-gap", "-o", "json"])
+        .await
+        .ok()
+        .json();
+    let events = json["events"].as_array().unwrap();
+    assert_eq!(events.len(), 2);
+    assert_eq!(
+        events[0]["borders_gaps"],
+        serde_json::json!([{"from_seq": 3, "to_seq": 4}])
+    );
+    // With other filters, paging one event at a time.
+    let paged = ctl(
+        &cp,
+        &[
+            "audit",
+            "query",
+            "--near-gap",
+            "--proxy",
+            "proxy-7",
+            "--limit",
+            "1",
+            "-o",
+            "json",
+        ],
+    )
+    .await
+    .ok()
+    .json();
+    assert_eq!(paged["events"].as_array().unwrap().len(), 1);
+    assert_eq!(paged["more"], true);
+    let ndjson = ctl(&cp, &["audit", "export", "--near-gap"]).await.ok();
+    assert_eq!(ndjson.stdout.lines().count(), 2, "{ndjson:#?}");
+    // The plain query marks the same events.
+    let all = ctl(&cp, &["audit", "query", "--proxy", "proxy-7"])
+        .await
+        .ok();
+    assert_eq!(all.stdout.matches("missing 3-4").count(), 2, "{all:#?}");
+    let help = ctl(&cp, &["audit", "query", "--help"]).await.ok();
+    assert!(help.stdout.contains("--near-gap"), "{help:#?}");
+
+    // The records arrive: the gap closes and the filter finds nothing.
+    db.store
+        .ingest_batch("proxy-7", vec![evs[2].clone(), evs[3].clone()])
+        .await
+        .unwrap();
+    let none = ctl(&cp, &["audit", "query", "--near-gap"]).await.ok();
+    assert_eq!(none.stdout, "", "{none:#?}");
+    assert!(none.stderr.contains("no events"), "{none:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn can_i_answers_with_the_reason_and_exit_code() {
     let db = TestDb::new().await;
     let cp = start_cp(&db).await;

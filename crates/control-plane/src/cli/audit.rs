@@ -44,7 +44,8 @@ pub enum AuditCmd {
         #[arg(long)]
         proxy: Option<String>,
     },
-    /// Sequence numbers missing from proxies' audit chains.
+    /// Sequence numbers missing from proxies' audit chains (`audit query
+    /// --near-gap` shows the events either side of each).
     Gaps {
         #[arg(long)]
         proxy: Option<String>,
@@ -57,6 +58,12 @@ pub struct QueryArgs {
     pub range: RangeArgs,
     #[command(flatten)]
     pub filter: FilterArgs,
+    /// Only events right next to an open gap of their chain: the last event
+    /// before missing sequence numbers and the first one after, each marked
+    /// with the gap it borders. Shows where records are missing and what
+    /// surrounds the hole (`audit gaps` lists the holes alone).
+    #[arg(long)]
+    pub near_gap: bool,
     /// The most events to show (default 100, or all with --all).
     #[arg(long)]
     pub limit: Option<u64>,
@@ -91,6 +98,10 @@ pub struct ExportArgs {
     pub range: RangeArgs,
     #[command(flatten)]
     pub filter: FilterArgs,
+    /// Only events right next to an open gap of their chain (see `audit
+    /// query --near-gap`).
+    #[arg(long)]
+    pub near_gap: bool,
     /// The most events to export (default: all).
     #[arg(long)]
     pub limit: Option<u64>,
@@ -121,6 +132,7 @@ fn grpc_query(filter: &FilterArgs, from_us: Option<i64>, to_us: Option<i64>) -> 
         request_id: f.request_id.unwrap_or_default(),
         session_id: f.session_id.unwrap_or_default(),
         chain_broken_only: f.chain_broken_only,
+        near_gap: false,
         limit: 0,
         cursor: String::new(),
     }
@@ -132,11 +144,16 @@ fn view(e: pb::StoredAuditEvent) -> Value {
         event,
         received_at_us,
         chain_ok,
+        borders_gaps,
     } = e;
     let v = AuditEventView::from(StoredEvent {
         event: event.unwrap_or_default(),
         received_at_us,
         chain_ok,
+        borders_gaps: borders_gaps
+            .into_iter()
+            .map(|g| (g.from_seq, g.to_seq))
+            .collect(),
     });
     serde_json::to_value(v).unwrap_or(Value::Null)
 }
@@ -184,6 +201,7 @@ fn cells(v: &Value) -> Vec<String> {
     if v.get("chain_ok").and_then(Value::as_bool) == Some(false) {
         outcome.push_str(" (chain broken)");
     }
+    outcome.push_str(&gap_marks(v));
     vec![
         short_time(v),
         outcome,
@@ -196,6 +214,30 @@ fn cells(v: &Value) -> Vec<String> {
         latency(v),
         s(v, "request_id").into(),
     ]
+}
+
+/// Which open gaps the event borders, e.g. ` (then missing 3-4)` for the
+/// last event before a gap and ` (after missing 3-4)` for the first one
+/// after it; empty when it borders none.
+fn gap_marks(v: &Value) -> String {
+    let seq = n(v, "sequence");
+    let mut out = String::new();
+    for g in v
+        .get("borders_gaps")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let (a, b) = (n(g, "from_seq"), n(g, "to_seq"));
+        let range = if a == b {
+            a.to_string()
+        } else {
+            format!("{a}-{b}")
+        };
+        let side = if a > seq { "then" } else { "after" };
+        out.push_str(&format!(" ({side} missing {range})"));
+    }
+    out
 }
 
 /// One event on one line, for streams (no look-ahead to align on).
@@ -211,6 +253,7 @@ async fn query(ctx: &Ctx, a: QueryArgs) -> Result<ExitCode> {
     let QueryArgs {
         range,
         filter,
+        near_gap,
         limit,
         all,
     } = a;
@@ -223,6 +266,7 @@ async fn query(ctx: &Ctx, a: QueryArgs) -> Result<ExitCode> {
     // An explicit --limit past one page is followed like --all.
     let follow = all || limit.is_some();
     let mut q = grpc_query(&filter, from_us, to_us);
+    q.near_gap = near_gap;
     let mut admin = conn::admin(ctx).await?;
     let mut events = Vec::new();
     let mut more = false;
@@ -471,11 +515,15 @@ async fn export(ctx: &Ctx, a: ExportArgs) -> Result<ExitCode> {
         format,
         range,
         filter,
+        near_gap,
         limit,
     } = a;
     let filter = filter.normalized()?;
     let (from_us, to_us) = range.resolve()?;
     let mut q = filter.query_pairs();
+    if near_gap {
+        q.push(("near_gap", "true".into()));
+    }
     q.push((
         "format",
         match format {

@@ -38,11 +38,16 @@ fn stored(e: StoredEvent) -> pb::StoredAuditEvent {
         event,
         received_at_us,
         chain_ok,
+        borders_gaps,
     } = e;
     pb::StoredAuditEvent {
         event: Some(event),
         received_at_us,
         chain_ok,
+        borders_gaps: borders_gaps
+            .into_iter()
+            .map(|(from_seq, to_seq)| pb::SequenceRange { from_seq, to_seq })
+            .collect(),
     }
 }
 
@@ -63,6 +68,7 @@ pub fn filter_of(q: pb::AuditQuery) -> AuditFilter {
         chain_broken_only,
         limit,
         cursor,
+        near_gap,
     } = q;
     AuditFilter {
         from_us: (from_us != 0).then_some(from_us),
@@ -77,6 +83,7 @@ pub fn filter_of(q: pb::AuditQuery) -> AuditFilter {
         request_id: nonempty(request_id),
         session_id: nonempty(session_id),
         chain_broken_only,
+        near_gap,
         limit: (limit != 0).then_some(limit),
         cursor: nonempty(cursor),
     }

@@ -104,6 +104,18 @@ pub struct AuditEventView {
     pub hash: String,
     /// Whether ingest found this event correctly linked into its chain.
     pub chain_ok: bool,
+    /// Open gaps of this event's chain that it borders: a range starting
+    /// at `sequence + 1` means records are missing right after it, one
+    /// ending at `sequence - 1` right before it. Shown by the query and
+    /// export endpoints (see `near_gap`); always empty on the live tail.
+    pub borders_gaps: Vec<SequenceRange>,
+}
+
+/// Sequence numbers missing from one chain, both ends included.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+pub struct SequenceRange {
+    pub from_seq: u64,
+    pub to_seq: u64,
 }
 
 impl From<StoredEvent> for AuditEventView {
@@ -112,6 +124,7 @@ impl From<StoredEvent> for AuditEventView {
             event,
             received_at_us,
             chain_ok,
+            borders_gaps,
         } = s;
         // Every field named, so a new proto field fails the build here
         // until the API shows it (or decides not to).
@@ -175,6 +188,10 @@ impl From<StoredEvent> for AuditEventView {
             prev_hash: hex::encode(prev_hash),
             hash: hex::encode(hash),
             chain_ok,
+            borders_gaps: borders_gaps
+                .into_iter()
+                .map(|(from_seq, to_seq)| SequenceRange { from_seq, to_seq })
+                .collect(),
         }
     }
 }
@@ -209,6 +226,9 @@ fn read_filter(p: &mut Params, usage: Use) -> AuditFilter {
         {
             p.reject("from", "must be before 'to'");
         }
+        // Not on the tail: a new event is rarely next to a gap yet, and
+        // one that becomes so later would never be shown there.
+        f.near_gap = p.bool("near_gap").unwrap_or(false);
     }
     f.subject = p.string("subject");
     f.api_key_id = p.string("key_id");
@@ -246,6 +266,11 @@ struct FilterParams {
     session_id: Option<String>,
     /// Only events whose chain link was found broken.
     chain_broken_only: Option<bool>,
+    /// Only events right next to an open gap of their chain (the last
+    /// event before missing sequence numbers, the first one after); each
+    /// names the gap in `borders_gaps`. An event stops matching once its
+    /// gap is filled.
+    near_gap: Option<bool>,
     /// Page size (1..=1000, default 100); for export, the most events to
     /// export (default: all).
     limit: Option<u32>,
@@ -421,6 +446,7 @@ const CSV_COLUMNS: &[&str] = &[
     "chain_ok",
     "prev_hash",
     "hash",
+    "borders_gaps",
 ];
 
 fn csv_header(out: &mut Vec<u8>) {
@@ -464,6 +490,12 @@ fn csv_row(out: &mut Vec<u8>, v: &AuditEventView) {
         n(v.chain_ok.to_string()),
         t(&v.prev_hash),
         t(&v.hash),
+        // `from-to` ranges, `;`-separated: no comma to quote.
+        n(v.borders_gaps
+            .iter()
+            .map(|g| format!("{}-{}", g.from_seq, g.to_seq))
+            .collect::<Vec<_>>()
+            .join(";")),
     ];
     debug_assert_eq!(cells.len(), CSV_COLUMNS.len());
     for (i, c) in cells.iter().enumerate() {

@@ -965,6 +965,81 @@ async fn gaps_verify_and_dead_letters() {
 }
 
 #[tokio::test]
+async fn near_gap_shows_the_events_around_missing_records() {
+    let api = api().await;
+    let evs = chain("p1", 2, 6);
+    // 1, 2 and 5 arrive (3 and 4 missing), plus a chain without a gap.
+    api.db
+        .store
+        .ingest_batch("p1", vec![evs[0].clone(), evs[1].clone(), evs[4].clone()])
+        .await
+        .unwrap();
+    api.db
+        .store
+        .ingest_batch("p2", chain("p2", 1, 4))
+        .await
+        .unwrap();
+    let r = api.get("/api/v1/audit?near_gap=true").await;
+    let page = events(&r);
+    let got: Vec<(u64, Value)> = page
+        .iter()
+        .map(|e| (e["sequence"].as_u64().unwrap(), e["borders_gaps"].clone()))
+        .collect();
+    let gap = json!([{"from_seq": 3, "to_seq": 4}]);
+    assert_eq!(got, vec![(5, gap.clone()), (2, gap.clone())]);
+    assert!(
+        page.iter()
+            .all(|e| e["proxy_id"] == "p1" && e["epoch"] == 2)
+    );
+    // Paged with a cursor, and combined with another filter.
+    let r = api.get("/api/v1/audit?near_gap=true&limit=1").await;
+    assert_eq!(events(&r)[0]["sequence"], 5);
+    let cursor = r.json()["next_cursor"].as_str().unwrap().to_string();
+    let r = api
+        .get(&format!(
+            "/api/v1/audit?near_gap=true&limit=1&cursor={cursor}"
+        ))
+        .await;
+    assert_eq!(events(&r)[0]["sequence"], 2);
+    assert!(r.json()["next_cursor"].is_null(), "{}", r.text);
+    let r = api.get("/api/v1/audit?near_gap=true&tool=get-sum").await;
+    let page = events(&r);
+    assert_eq!(page.len(), 1);
+    assert_eq!(page[0]["sequence"], 5);
+    // Without the filter the border is still marked; others show [].
+    let r = api.get("/api/v1/audit?proxy_id=p1").await;
+    let marks: Vec<Value> = events(&r)
+        .iter()
+        .map(|e| e["borders_gaps"].clone())
+        .collect();
+    assert_eq!(marks, vec![gap.clone(), gap.clone(), json!([])]);
+    // Export takes the filter too, and the CSV names the gap.
+    let r = api.get("/api/v1/audit/export?near_gap=true").await;
+    assert_eq!(r.text.lines().count(), 2, "{}", r.text);
+    let r = api
+        .get("/api/v1/audit/export?near_gap=true&format=csv")
+        .await;
+    let rows: Vec<&str> = r.text.split("\r\n").filter(|l| !l.is_empty()).collect();
+    assert!(rows[0].ends_with(",borders_gaps"), "{}", rows[0]);
+    assert_eq!(rows.len(), 3);
+    assert!(rows[1].ends_with(",3-4"), "{}", rows[1]);
+    // Not a tail parameter; a bad value is named.
+    let r = api.get("/api/v1/audit/tail?near_gap=true").await;
+    assert_error(&r, StatusCode::BAD_REQUEST, "near_gap");
+    let r = api.get("/api/v1/audit?near_gap=perhaps").await;
+    assert_error(&r, StatusCode::BAD_REQUEST, "near_gap");
+    // The hole is filled: nothing is near a gap any more.
+    api.db
+        .store
+        .ingest_batch("p1", vec![evs[2].clone(), evs[3].clone()])
+        .await
+        .unwrap();
+    let r = api.get("/api/v1/audit?near_gap=true").await;
+    assert!(events(&r).is_empty(), "{}", r.text);
+    assert!(r.json()["next_cursor"].is_null());
+}
+
+#[tokio::test]
 async fn fleet_lists_proxies_and_join_tokens_show_once() {
     let api = api().await;
     assert_eq!(

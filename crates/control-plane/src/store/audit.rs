@@ -30,6 +30,11 @@ pub struct StoredEvent {
     pub event: AuditEvent,
     pub received_at_us: i64,
     pub chain_ok: bool,
+    /// Open gaps of the event's own chain that it borders, as (from, to)
+    /// sequence ranges: one starting right after it, one ending right
+    /// before it, or both. Filled in by [`Store::query_audit`]; empty
+    /// elsewhere (the live tail does not look).
+    pub borders_gaps: Vec<(u64, u64)>,
 }
 
 /// Filters of an audit query. Empty strings mean "any".
@@ -47,6 +52,12 @@ pub struct AuditFilter {
     pub request_id: Option<String>,
     pub session_id: Option<String>,
     pub chain_broken_only: bool,
+    /// Only events right next to an open gap of their chain: the last one
+    /// before the missing sequence numbers and the first one after. This
+    /// answers "where are records missing, and what surrounds the hole"
+    /// without listing events that are not there; an event stops matching
+    /// once the records next to it arrive and the gap closes.
+    pub near_gap: bool,
     pub limit: Option<u32>,
     pub cursor: Option<String>,
 }
@@ -309,6 +320,16 @@ impl Store {
         if f.chain_broken_only {
             q.push(" AND NOT chain_ok");
         }
+        if f.near_gap {
+            // Driven from the (few) open gaps through the chain index
+            // (proxy_id, epoch, sequence), so it stays cheap on a large
+            // table. A gap from sequence 1 has no event before it.
+            q.push(
+                " AND (proxy_id, epoch, sequence) IN (\
+                 SELECT proxy_id, epoch, from_seq - 1 FROM audit_gaps WHERE from_seq > 1 \
+                 UNION ALL SELECT proxy_id, epoch, to_seq + 1 FROM audit_gaps)",
+            );
+        }
         if let Some((ts, id)) = cursor {
             q.push(" AND (ts, event_id) < (")
                 .push_bind(from_us(ts))
@@ -320,11 +341,12 @@ impl Store {
             .push_bind(limit as i64 + 1);
         let rows: Vec<AuditRow> = q.build_query_as().fetch_all(&self.pool).await?;
         let more = rows.len() > limit as usize;
-        let events: Vec<StoredEvent> = rows
+        let mut events: Vec<StoredEvent> = rows
             .into_iter()
             .take(limit as usize)
             .map(AuditRow::into_stored)
             .collect();
+        self.mark_gap_borders(&mut events).await?;
         let next = if more {
             events
                 .last()
@@ -333,6 +355,54 @@ impl Store {
             None
         };
         Ok((events, next))
+    }
+
+    /// Sets each event's `borders_gaps` from the open gaps of the chains on
+    /// the page: one query per page, whatever its size.
+    async fn mark_gap_borders(&self, events: &mut [StoredEvent]) -> Result<()> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let chains: HashSet<(&str, i64)> = events
+            .iter()
+            .map(|e| (e.event.proxy_id.as_str(), e.event.epoch as i64))
+            .collect();
+        let (proxies, epochs): (Vec<String>, Vec<i64>) =
+            chains.into_iter().map(|(p, e)| (p.to_string(), e)).unzip();
+        let rows: Vec<(String, i64, i64, i64)> = sqlx::query_as(
+            "SELECT g.proxy_id, g.epoch, g.from_seq, g.to_seq FROM audit_gaps g \
+             JOIN UNNEST($1::text[], $2::bigint[]) AS c(proxy_id, epoch) \
+               ON g.proxy_id = c.proxy_id AND g.epoch = c.epoch \
+             ORDER BY g.from_seq",
+        )
+        .bind(proxies)
+        .bind(epochs)
+        .fetch_all(&self.pool)
+        .await?;
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let mut by_chain: HashMap<(String, u64), Vec<(u64, u64)>> = HashMap::new();
+        for (proxy, epoch, from, to) in rows {
+            by_chain
+                .entry((proxy, epoch as u64))
+                .or_default()
+                .push((from as u64, to as u64));
+        }
+        for e in events.iter_mut() {
+            let Some(gaps) = by_chain.get(&(e.event.proxy_id.clone(), e.event.epoch)) else {
+                continue;
+            };
+            let s = e.event.sequence;
+            e.borders_gaps = gaps
+                .iter()
+                .copied()
+                .filter(|&(from, to)| {
+                    to.checked_add(1) == Some(s) || from.checked_sub(1) == Some(s)
+                })
+                .collect();
+        }
+        Ok(())
     }
 
     /// Events received after `after_us` (received time), oldest first: the
@@ -1018,6 +1088,7 @@ impl AuditRow {
             },
             received_at_us: to_us(received_at),
             chain_ok,
+            borders_gaps: Vec::new(),
         }
     }
 }
@@ -1370,6 +1441,146 @@ pub(crate) mod tests {
                 .unwrap()
                 .problems
                 .is_empty()
+        );
+    }
+
+    #[tokio::test]
+    async fn near_gap_finds_the_events_around_a_hole_until_it_is_filled() {
+        let db = TestDb::new().await;
+        let events = chain("p1", 3, 6);
+        let near = AuditFilter {
+            near_gap: true,
+            ..Default::default()
+        };
+        let seqs = |page: &[StoredEvent]| -> Vec<(u64, Vec<(u64, u64)>)> {
+            page.iter()
+                .map(|e| (e.event.sequence, e.borders_gaps.clone()))
+                .collect()
+        };
+        // 1, 2 and 5 arrive: 3..=4 are missing, between 2 and 5.
+        db.store
+            .ingest_batch("p1", vec![events[0].clone(), events[1].clone()])
+            .await
+            .unwrap();
+        db.store
+            .ingest_batch("p1", vec![events[4].clone()])
+            .await
+            .unwrap();
+        // Another chain without a gap contributes nothing.
+        db.store
+            .ingest_batch("p2", chain("p2", 1, 3))
+            .await
+            .unwrap();
+        let (page, next) = db.store.query_audit(&near).await.unwrap();
+        assert_eq!(seqs(&page), vec![(5, vec![(3, 4)]), (2, vec![(3, 4)])]);
+        assert_eq!(next, None);
+        // Every query marks the events that border a gap, filter or not.
+        let (all, _) = db
+            .store
+            .query_audit(&AuditFilter {
+                proxy_id: Some("p1".into()),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            seqs(&all),
+            vec![(5, vec![(3, 4)]), (2, vec![(3, 4)]), (1, vec![])]
+        );
+        // It combines with the other filters and with cursor paging.
+        let (one, next) = db
+            .store
+            .query_audit(&AuditFilter {
+                limit: Some(1),
+                ..near.clone()
+            })
+            .await
+            .unwrap();
+        assert_eq!(seqs(&one), vec![(5, vec![(3, 4)])]);
+        let (two, last) = db
+            .store
+            .query_audit(&AuditFilter {
+                limit: Some(1),
+                cursor: next,
+                ..near.clone()
+            })
+            .await
+            .unwrap();
+        assert_eq!(seqs(&two), vec![(2, vec![(3, 4)])]);
+        assert_eq!(last, None);
+        let (echo, _) = db
+            .store
+            .query_audit(&AuditFilter {
+                tool: Some("echo".into()),
+                ..near.clone()
+            })
+            .await
+            .unwrap();
+        assert_eq!(seqs(&echo), vec![(2, vec![(3, 4)])]);
+        let (other, _) = db
+            .store
+            .query_audit(&AuditFilter {
+                proxy_id: Some("p2".into()),
+                ..near.clone()
+            })
+            .await
+            .unwrap();
+        assert!(other.is_empty());
+        // 3 arrives: the hole shrinks to 4, now between 3 and 5; 6 arrives
+        // after 5 and borders nothing.
+        db.store
+            .ingest_batch("p1", vec![events[2].clone(), events[5].clone()])
+            .await
+            .unwrap();
+        let (page, _) = db.store.query_audit(&near).await.unwrap();
+        assert_eq!(seqs(&page), vec![(5, vec![(4, 4)]), (3, vec![(4, 4)])]);
+        // 4 arrives: no gap left, nothing near one.
+        db.store
+            .ingest_batch("p1", vec![events[3].clone()])
+            .await
+            .unwrap();
+        assert!(db.store.audit_gaps(None).await.unwrap().is_empty());
+        let (page, next) = db.store.query_audit(&near).await.unwrap();
+        assert!(page.is_empty(), "{:?}", seqs(&page));
+        assert_eq!(next, None);
+    }
+
+    #[tokio::test]
+    async fn a_gap_from_the_first_sequence_has_only_an_event_after_it() {
+        let db = TestDb::new().await;
+        let events = chain("p1", 1, 4);
+        // 1 and 2 never arrive; 3 and 4 do. An event can also border two
+        // gaps: with 5 and 7 missing, 6 sits between them.
+        let mut more = chain("p9", 1, 8);
+        more.remove(6);
+        more.remove(4);
+        db.store
+            .ingest_batch("p1", events[2..].to_vec())
+            .await
+            .unwrap();
+        db.store.ingest_batch("p9", more).await.unwrap();
+        let (page, _) = db
+            .store
+            .query_audit(&AuditFilter {
+                near_gap: true,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        type Row = (String, u64, Vec<(u64, u64)>);
+        let mut got: Vec<Row> = page
+            .into_iter()
+            .map(|e| (e.event.proxy_id, e.event.sequence, e.borders_gaps))
+            .collect();
+        got.sort();
+        assert_eq!(
+            got,
+            vec![
+                ("p1".into(), 3, vec![(1, 2)]),
+                ("p9".into(), 4, vec![(5, 5)]),
+                ("p9".into(), 6, vec![(5, 5), (7, 7)]),
+                ("p9".into(), 8, vec![(7, 7)]),
+            ]
         );
     }
 
