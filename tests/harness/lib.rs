@@ -7,6 +7,7 @@
 #[path = "../../crates/data-plane/tests/common/peers.rs"]
 pub mod peers;
 pub mod procs;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

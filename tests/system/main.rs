@@ -10,3 +10,4 @@ mod fleet;
 mod passthrough;
 mod policy_file;
 mod stdio;
+mod tls;

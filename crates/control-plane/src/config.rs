@@ -232,17 +232,20 @@ impl Config {
             }
         }
         if let Some(tls) = &self.grpc.tls {
-            for (field, p) in [
-                ("grpc.tls.cert_pem", Some(&tls.cert_pem)),
-                ("grpc.tls.key_pem", Some(&tls.key_pem)),
+            for (field, p, kind) in [
+                ("grpc.tls.cert_pem", Some(&tls.cert_pem), Pem::Certificates),
+                ("grpc.tls.key_pem", Some(&tls.key_pem), Pem::PrivateKey),
             ]
             .into_iter()
-            .chain([("grpc.tls.client_ca_pem", tls.client_ca_pem.as_ref())])
-            {
+            .chain([(
+                "grpc.tls.client_ca_pem",
+                tls.client_ca_pem.as_ref(),
+                Pem::Certificates,
+            )]) {
                 if let Some(p) = p
-                    && !p.exists()
+                    && let Err(m) = check_pem(p, kind)
                 {
-                    errs.push(field, format!("file {} does not exist", p.display()));
+                    errs.push(field, m);
                 }
             }
         }
@@ -259,6 +262,49 @@ impl Config {
             errs.push("log_format", "must be 'text' or 'json'");
         }
         errs.into_result()
+    }
+}
+
+/// What a PEM file given in `grpc.tls` must hold.
+#[derive(Clone, Copy)]
+enum Pem {
+    /// At least one certificate.
+    Certificates,
+    /// A private key (PKCS#8, PKCS#1 or SEC1).
+    PrivateKey,
+}
+
+/// Reads a PEM file and checks it holds what `kind` needs, so a wrong or
+/// empty file is a configuration error naming the field, found before
+/// anything starts.
+fn check_pem(path: &Path, kind: Pem) -> Result<(), String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(format!("file {} does not exist", path.display()));
+        }
+        Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+    };
+    let ok = match kind {
+        Pem::Certificates => {
+            let certs: Result<Vec<_>, _> = CertificateDer::pem_slice_iter(&bytes).collect();
+            certs.is_ok_and(|c| !c.is_empty())
+        }
+        Pem::PrivateKey => PrivateKeyDer::from_pem_slice(&bytes).is_ok(),
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{} holds no PEM {}",
+            path.display(),
+            match kind {
+                Pem::Certificates => "certificate",
+                Pem::PrivateKey => "private key",
+            }
+        ))
     }
 }
 
@@ -296,6 +342,39 @@ mod tests {
             .unwrap();
         let errs = Config::load(Some(&p)).unwrap_err().to_string();
         assert!(errs.contains("bogus") || errs.contains("grpc"), "{errs}");
+    }
+
+    #[test]
+    fn tls_files_are_checked_and_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "").unwrap();
+        let c = Config {
+            database_url: "postgres://postgres@127.0.0.1/x".into(),
+            admin_tokens: vec!["a".repeat(20)],
+            grpc: GrpcConfig {
+                tls: Some(TlsConfig {
+                    cert_pem: dir.path().join("missing.crt"),
+                    key_pem: empty.clone(),
+                    client_ca_pem: Some(empty),
+                }),
+                ..GrpcConfig::default()
+            },
+            ..Default::default()
+        };
+        let errs = c.validate().unwrap_err();
+        let got: Vec<_> = errs
+            .0
+            .iter()
+            .map(|e| (e.field.as_str(), e.message.as_str()))
+            .collect();
+        assert_eq!(got.len(), 3, "{got:?}");
+        assert_eq!(got[0].0, "grpc.tls.cert_pem");
+        assert!(got[0].1.contains("does not exist"), "{got:?}");
+        assert_eq!(got[1].0, "grpc.tls.key_pem");
+        assert!(got[1].1.contains("no PEM private key"), "{got:?}");
+        assert_eq!(got[2].0, "grpc.tls.client_ca_pem");
+        assert!(got[2].1.contains("no PEM certificate"), "{got:?}");
     }
 
     #[test]

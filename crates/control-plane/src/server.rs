@@ -55,6 +55,10 @@ pub async fn run(
     metrics: Option<PrometheusHandle>,
     shutdown: CancellationToken,
 ) -> Result<(), StartError> {
+    // TLS is loaded first: a certificate and key that do not go together
+    // are a configuration error before anything is started, never a
+    // control plane serving REST without its gRPC listener.
+    let grpc_server = grpc_server(config.grpc.tls.as_ref())?;
     let pool = db::connect(
         &config.database_url,
         config.db.max_connections,
@@ -85,13 +89,20 @@ pub async fn run(
 
     tokio::spawn(retention(state.clone(), bus.clone(), shutdown.clone()));
 
-    let grpc = serve_grpc(state.clone(), bus, listeners.grpc, shutdown.clone());
+    let grpc = serve_grpc(
+        grpc_server,
+        state.clone(),
+        bus,
+        listeners.grpc,
+        shutdown.clone(),
+    );
     let http = serve_http(state, listeners.http, shutdown.clone());
     let (g, h) = tokio::join!(grpc, http);
     g.and(h)
 }
 
 async fn serve_grpc(
+    mut builder: tonic::transport::Server,
     state: AppState,
     bus: PolicyBus,
     listener: TcpListener,
@@ -145,16 +156,6 @@ async fn serve_grpc(
         AdminAuth(state.clone()),
     );
 
-    let mut builder = tonic::transport::Server::builder()
-        // Dead peers are found by keepalive, not by waiting on TCP.
-        .http2_keepalive_interval(Some(Duration::from_secs(10)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
-        .tcp_nodelay(true);
-    if let Some(tls) = &state.config.grpc.tls {
-        builder = builder
-            .tls_config(tls_config(tls)?)
-            .map_err(|e| StartError::Tls(e.to_string()))?;
-    }
     builder
         .add_service(health)
         .add_service(reflect_v1)
@@ -173,9 +174,38 @@ async fn serve_grpc(
         .map_err(|e| StartError::Serve(format!("grpc: {e}")))
 }
 
+/// The gRPC server with its transport settings and, when configured, TLS.
+fn grpc_server(tls: Option<&TlsConfig>) -> Result<tonic::transport::Server, StartError> {
+    let builder = tonic::transport::Server::builder()
+        // Dead peers are found by keepalive, not by waiting on TCP.
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .tcp_nodelay(true);
+    match tls {
+        // Parses the files and pairs the key with the certificate.
+        Some(tls) => builder
+            .tls_config(tls_config(tls)?)
+            .map_err(|e| StartError::Tls(format!("cert_pem and key_pem: {}", error_chain(&e)))),
+        None => Ok(builder),
+    }
+}
+
+/// An error with its sources: tonic's own message alone says only
+/// "transport error".
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        s.push_str(": ");
+        s.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    s
+}
+
 fn tls_config(tls: &TlsConfig) -> Result<ServerTlsConfig, StartError> {
     let read = |p: &std::path::Path, field: &str| {
-        std::fs::read(p).map_err(|e| StartError::Tls(format!("{field} {}: {e}", p.display())))
+        std::fs::read(p).map_err(|e| StartError::Tls(format!("{field}: {}: {e}", p.display())))
     };
     let identity = Identity::from_pem(
         read(&tls.cert_pem, "cert_pem")?,

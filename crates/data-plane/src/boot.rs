@@ -244,7 +244,16 @@ fn channel(config: &Config) -> Result<tonic::transport::Channel, BootError> {
                 ));
             }
         }
-        ep = ep.tls_config(tls).map_err(|e| bad(e.to_string()))?;
+        // Parses the CA and the client certificate and key.
+        ep = ep.tls_config(tls).map_err(|e| {
+            let mut m = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(cause) = source {
+                m.push_str(&format!(": {cause}"));
+                source = cause.source();
+            }
+            BootError::Config(format!("control_plane.ca_file, cert_file, key_file: {m}"))
+        })?;
     }
     Ok(ep.connect_lazy())
 }

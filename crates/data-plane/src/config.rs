@@ -222,11 +222,82 @@ impl Config {
                 errs.push((format!("stdio.{name}.command"), "is required".into()));
             }
         }
+        self.validate_tls(&mut errs);
         if errs.is_empty() {
             Ok(())
         } else {
             Err(ConfigError(errs))
         }
+    }
+}
+
+impl Config {
+    /// The control plane's TLS settings: they only make sense with an
+    /// `https://` URL, which in turn needs `ca_file` (this build trusts no
+    /// system certificate store); the files must exist; a client
+    /// certificate needs its key.
+    fn validate_tls(&self, errs: &mut Vec<(String, String)>) {
+        let cp = &self.control_plane;
+        let https = cp.url.starts_with("https://");
+        let mut push = |f: &str, m: String| errs.push((format!("control_plane.{f}"), m));
+        if https && cp.ca_file.is_none() {
+            push(
+                "ca_file",
+                "is required with an https:// url: the CA that signed the control plane's \
+                 certificate (no system certificate store is used)"
+                    .into(),
+            );
+        }
+        for (field, path, key) in [
+            ("ca_file", &cp.ca_file, false),
+            ("cert_file", &cp.cert_file, false),
+            ("key_file", &cp.key_file, true),
+        ] {
+            let Some(path) = path else { continue };
+            if !https && !cp.url.is_empty() {
+                push(
+                    field,
+                    "is only used with an https:// url; this url is plaintext".into(),
+                );
+            } else if let Err(m) = check_pem(path, key) {
+                push(field, m);
+            }
+        }
+        match (&cp.cert_file, &cp.key_file) {
+            (Some(_), None) => push("key_file", "is required with cert_file".into()),
+            (None, Some(_)) => push("cert_file", "is required with key_file".into()),
+            _ => {}
+        }
+    }
+}
+
+/// Reads a PEM file and checks it holds a private key (`key`) or at least
+/// one certificate: an empty or wrong file is named at start, not found
+/// later as a failing handshake.
+fn check_pem(path: &Path, key: bool) -> Result<(), String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(format!("file {} does not exist", path.display()));
+        }
+        Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+    };
+    let ok = if key {
+        PrivateKeyDer::from_pem_slice(&bytes).is_ok()
+    } else {
+        let certs: Result<Vec<_>, _> = CertificateDer::pem_slice_iter(&bytes).collect();
+        certs.is_ok_and(|c| !c.is_empty())
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{} holds no PEM {}",
+            path.display(),
+            if key { "private key" } else { "certificate" }
+        ))
     }
 }
 
@@ -276,6 +347,62 @@ mod tests {
         assert!(fields.contains(&"spool.durability"), "{err}");
         assert!(fields.contains(&"stdio.x.command"), "{err}");
         assert!(fields.contains(&"control_plane.url"), "{err}");
+    }
+
+    #[test]
+    fn control_plane_tls_settings_are_checked() {
+        let fields = |toml: &str| -> Vec<String> {
+            match Config::from_toml(&format!("proxy_id = \"p\"\n[control_plane]\n{toml}")) {
+                Ok(_) => Vec::new(),
+                Err(e) => e.0.into_iter().map(|(f, _)| f).collect(),
+            }
+        };
+        // Any base64 between the markers parses as a PEM certificate.
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("ca.crt"),
+            "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("empty.crt"), "").unwrap();
+        let here = dir.path().display();
+        // https without a CA can never connect: no system roots are used.
+        assert_eq!(
+            fields("url = \"https://cp:50051\"\njoin_token = \"t\""),
+            ["control_plane.ca_file"]
+        );
+        assert_eq!(
+            fields(&format!(
+                "url = \"https://cp:50051\"\njoin_token = \"t\"\nca_file = \"{here}/ca.crt\""
+            )),
+            Vec::<String>::new()
+        );
+        // A CA or client certificate with a plaintext url is a mistake.
+        assert_eq!(
+            fields(&format!(
+                "url = \"http://cp:50051\"\njoin_token = \"t\"\nca_file = \"{here}/ca.crt\""
+            )),
+            ["control_plane.ca_file"]
+        );
+        // An empty CA file.
+        assert_eq!(
+            fields(&format!(
+                "url = \"https://cp:50051\"\njoin_token = \"t\"\nca_file = \"{here}/empty.crt\""
+            )),
+            ["control_plane.ca_file"]
+        );
+        // Missing files, and a certificate without its key.
+        assert_eq!(
+            fields(
+                "url = \"https://cp:50051\"\njoin_token = \"t\"\nca_file = \"/nonexistent/ca.crt\"\n\
+                 cert_file = \"/nonexistent/c.crt\""
+            ),
+            [
+                "control_plane.ca_file",
+                "control_plane.cert_file",
+                "control_plane.key_file"
+            ]
+        );
     }
 
     #[test]
