@@ -15,6 +15,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a benchmark stops loudly
 
+mod callgrind;
 mod ingest;
 mod load;
 mod overhead;
@@ -50,6 +51,7 @@ struct Cli {
 enum What {
     Propagation,
     Ingest,
+    Callgrind,
     Overhead,
     All,
 }
@@ -136,6 +138,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if matches!(cli.what, What::Ingest | What::All) {
         json.insert("ingest".into(), ingest::run(cli.quick).await);
+    }
+    if matches!(cli.what, What::Callgrind | What::All) {
+        json.insert("callgrind".into(), callgrind::run(cli.quick).await);
     }
     if matches!(cli.what, What::Overhead | What::All) {
         json.insert("overhead".into(), overhead::run(cli.quick).await);
