@@ -2,8 +2,9 @@
 //! answered only after its transaction committed, so a proxy may forget
 //! (reclaim) exactly what was answered. Batches are stored in order, one
 //! transaction at a time per stream, while the next one is being prepared
-//! (a two-stage pipeline, see `ingest`). A database failure ends the stream with `UNAVAILABLE`:
-//! the proxy reconnects and resends, and event ids absorb the replay.
+//! (a two-stage pipeline, see `ingest`). A database failure ends the stream
+//! with `UNAVAILABLE`: the proxy reconnects and resends, and event ids
+//! absorb the replay.
 
 use std::pin::Pin;
 use std::time::Instant;
