@@ -448,3 +448,63 @@ fn placeholder_cp() -> CpProc {
         log: Path::new("/dev/null").to_path_buf(),
     }
 }
+
+/// Gaps are a metric of the running control plane, and a filled gap clears
+/// it: `sentinel_audit_gaps_open` and `sentinel_audit_gap_events_missing`
+/// on `/metrics` of the real binary.
+#[tokio::test]
+async fn open_gaps_are_a_metric_that_clears_when_filled() {
+    sentinel_tests::init();
+    let db = TestDb::new().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (url, d) = (db.url.clone(), dir.path().to_path_buf());
+    let cp = blocking(move || CpProc::start(&url, &d)).await;
+    let mut prev = Vec::new();
+    let mut events: BTreeMap<u64, sentinel_shared::proto::AuditEvent> = (1..=5)
+        .map(|seq| {
+            let mut ev = sentinel_shared::proto::AuditEvent {
+                timestamp_us: sentinel_shared::now_us(),
+                proxy_id: "proxy-g".into(),
+                epoch: 1,
+                sequence: seq,
+                mcp_method: "tools/call".into(),
+                tool: "echo".into(),
+                outcome: sentinel_shared::proto::Outcome::Ok as i32,
+                ..Default::default()
+            };
+            ev.event_id = sentinel_shared::audit::event_id_at(ev.timestamp_us);
+            sentinel_shared::audit::seal(&mut ev, &prev);
+            prev = ev.hash.clone();
+            (seq, ev)
+        })
+        .collect();
+    let metrics_url = format!("http://127.0.0.1:{}/metrics", cp.http_port);
+    for (seqs, want) in [
+        (&[1u64, 2, 5][..], (1.0, 2.0)),
+        (&[4], (1.0, 1.0)),
+        (&[3], (0.0, 0.0)),
+    ] {
+        let batch = seqs.iter().filter_map(|s| events.remove(s)).collect();
+        db.store
+            .ingest_batch("proxy-g", batch)
+            .await
+            .expect("ingest");
+        let text = reqwest::get(&metrics_url)
+            .await
+            .expect("scrape")
+            .text()
+            .await
+            .expect("body");
+        let value = |name: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok())
+                .unwrap_or_else(|| panic!("{name} not in /metrics:\n{text}"))
+        };
+        let got = (
+            value("sentinel_audit_gaps_open"),
+            value("sentinel_audit_gap_events_missing"),
+        );
+        assert_eq!(got, want, "after ingesting {seqs:?}");
+    }
+    drop(cp);
+}

@@ -224,14 +224,25 @@ async fn readyz(State(state): State<AppState>) -> Response {
               (status = 404, body = ErrorBody, description = "no metrics recorder in this process")))]
 async fn metrics(State(state): State<AppState>) -> Response {
     match &state.metrics {
-        Some(handle) => (
-            [(
-                CONTENT_TYPE,
-                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
-            )],
-            handle.render(),
-        )
-            .into_response(),
+        Some(handle) => {
+            // Read at scrape time so that a filled gap clears at once; on a
+            // database error the previous values stay.
+            match state.store.open_gap_totals().await {
+                Ok((gaps, missing)) => {
+                    metrics::gauge!("sentinel_audit_gaps_open").set(gaps as f64);
+                    metrics::gauge!("sentinel_audit_gap_events_missing").set(missing as f64);
+                }
+                Err(e) => tracing::debug!(error = %e, "open gaps not read for /metrics"),
+            }
+            (
+                [(
+                    CONTENT_TYPE,
+                    HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+                )],
+                handle.render(),
+            )
+                .into_response()
+        }
         None => Error::not_found("route", "/metrics").into_response(),
     }
 }

@@ -165,6 +165,17 @@ impl Store {
     }
 
     /// Every proxy ever seen, with audit gap and chain-break counts.
+    /// Open gaps over every chain, and how many records they miss. A gap
+    /// that is filled leaves `audit_gaps`, so both figures fall back.
+    pub async fn open_gap_totals(&self) -> Result<(u64, u64)> {
+        let (gaps, missing): (i64, i64) = sqlx::query_as(
+            "SELECT count(*), COALESCE(sum(to_seq - from_seq + 1), 0)::bigint FROM audit_gaps",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        Ok((gaps.max(0) as u64, missing.max(0) as u64))
+    }
+
     pub async fn list_proxies(&self, stale_after: Duration) -> Result<Vec<ProxyRow>> {
         let rows = sqlx::query_as::<_, ProxyRow>(
             "SELECT p.proxy_id, p.build_version, p.labels, \
