@@ -6,8 +6,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use sentinel_tests::peers::peers;
-use sentinel_tests::procs::bin;
-use sentinel_tests::{ADMIN, Cp, Proxy, modern_call};
+use sentinel_tests::procs::{Proc, ProxyProc, bin};
+use sentinel_tests::{ADMIN, Cp, JOIN, Proxy, modern_call};
 use serde_json::json;
 
 fn ctl(cp: &Cp, args: &[&str]) -> (i32, String) {
@@ -93,4 +93,84 @@ async fn a_policy_file_applied_with_the_cli_is_what_can_i_says_and_the_proxy_enf
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     println!("apply -> enforced by the proxy in {:?}", applied.elapsed());
+}
+
+/// A proxy with only a local policy file and no control plane still records
+/// every call on disk (bounded by the spool, not by memory); joined to a
+/// control plane later, it ships what it recorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standalone_proxy_spools_its_audit_and_ships_it_once_joined() {
+    sentinel_tests::init();
+    let py = tokio::task::spawn_blocking(|| peers().python_upstream())
+        .await
+        .expect("python upstream");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key = sentinel_shared::keys::generate(sentinel_shared::keys::KeyKind::Api).secret;
+    let file = dir.path().join("local-policy.json");
+    let local = json!({
+        "version": 1,
+        "policy": {
+            "roles": [{"name": "dev", "allow": ["py/add"]}],
+            "backends": [{"name": "py", "url": py.url(), "timeout_ms": 10000}],
+        },
+        "api_keys": [{"key": key, "role": "dev", "owner": "ivan"}],
+        "session_keys": [{"id": 1, "key": "07".repeat(32)}],
+    });
+    std::fs::write(&file, local.to_string()).expect("write local policy");
+    let port = sentinel_tests::peers::free_port();
+    let config = dir.path().join("proxy.toml");
+    let write_config = |top: &str, cp_url: &str| {
+        std::fs::write(
+            &config,
+            format!(
+                "proxy_id = \"proxy-standalone\"\nlisten = \"127.0.0.1:{port}\"\n{top}\n\
+                 [control_plane]\nurl = \"{cp_url}\"\njoin_token = \"{JOIN}\"\n\
+                 [spool]\ndir = \"{}\"\n",
+                dir.path().join("spool").display()
+            ),
+        )
+        .expect("write proxy config")
+    };
+    write_config(&format!("policy_file = \"{}\"", file.display()), "");
+    let mut proxy = ProxyProc {
+        proc: Proc { child: None },
+        port,
+        config: config.clone(),
+        log: dir.path().join("proxy.log"),
+    };
+    tokio::task::block_in_place(|| proxy.restart());
+    for n in 0..3 {
+        let (s, v) = modern_call(&proxy.url(), &key, "py__add", json!({"a": n, "b": 1})).await;
+        assert_eq!(s, 200, "{v}");
+    }
+    let spooled: u64 = std::fs::read_dir(dir.path().join("spool"))
+        .expect("spool dir")
+        .filter_map(|e| e.ok()?.metadata().ok())
+        .map(|m| m.len())
+        .sum();
+    assert!(spooled > 0, "nothing spooled on disk");
+    proxy.proc.kill9();
+
+    // Joined to a control plane, the same proxy (same spool) ships it.
+    let cp = Cp::start().await;
+    write_config("", &format!("http://{}", cp.grpc));
+    tokio::task::block_in_place(|| proxy.restart());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while cp
+        .count("SELECT count(*) FROM audit_events WHERE proxy_id = 'proxy-standalone' AND backend = 'py' AND tool = 'add' AND outcome = 'ok'")
+        .await
+        < 3
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the standalone proxy's audit never reached Postgres; proxy log:\n{}",
+            std::fs::read_to_string(&proxy.log).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        cp.count("SELECT count(*) FROM audit_events WHERE proxy_id = 'proxy-standalone'")
+            .await,
+        3
+    );
 }

@@ -13,8 +13,8 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 
+use crate::audit::AuditSink;
 use crate::audit::spool::SpoolSink;
-use crate::audit::{AuditSink, MemorySink};
 use crate::config::Config;
 use crate::control::{self, SyncClient};
 use crate::policy::file::PolicyFile;
@@ -134,10 +134,14 @@ fn parts(config: &Config) -> Result<Parts, BootError> {
 
     let mut kept_spool = None;
     let sink: Arc<dyn AuditSink> = if cp.url.is_empty() {
+        // Recorded on disk, bounded by spool.max_bytes and spool.on_full
+        // like any other; shipped once the proxy starts with a control plane.
+        let spool = Spool::open(spool_config(config)?)?;
         tracing::warn!(
-            "no control_plane.url: audit events are kept in memory only and never shipped"
+            spool = %config.spool.dir.display(),
+            "no control_plane.url: audit events stay in the spool until a control plane is configured"
         );
-        MemorySink::new()
+        Arc::new(SpoolSink(spool))
     } else {
         let channel = channel(config)?;
         let spool = Spool::open(spool_config(config)?)?;

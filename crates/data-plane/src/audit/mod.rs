@@ -45,7 +45,7 @@ pub trait AuditSink: Send + Sync + 'static {
     fn decided(&self, ev: AuditEvent);
 }
 
-/// Keeps events in memory: for tests and for `--no-spool` development runs.
+/// Keeps events in memory, unbounded: for tests only.
 #[derive(Default)]
 pub struct MemorySink {
     inner: Mutex<MemoryInner>,
