@@ -87,16 +87,28 @@ pub async fn run(
         "control plane ready"
     );
 
-    tokio::spawn(retention(state.clone(), bus.clone(), shutdown.clone()));
+    // One listener failing stops the other (and the process with it),
+    // rather than leaving a half-served control plane running.
+    let stop = shutdown.child_token();
+    tokio::spawn(retention(state.clone(), bus.clone(), stop.clone()));
 
-    let grpc = serve_grpc(
-        grpc_server,
-        state.clone(),
-        bus,
-        listeners.grpc,
-        shutdown.clone(),
-    );
-    let http = serve_http(state, listeners.http, shutdown.clone());
+    let grpc = async {
+        let r = serve_grpc(
+            grpc_server,
+            state.clone(),
+            bus,
+            listeners.grpc,
+            stop.clone(),
+        )
+        .await;
+        stop.cancel();
+        r
+    };
+    let http = async {
+        let r = serve_http(state.clone(), listeners.http, stop.clone()).await;
+        stop.cancel();
+        r
+    };
     let (g, h) = tokio::join!(grpc, http);
     g.and(h)
 }
