@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use figment::Figment;
 use figment::providers::{Env, Format, Toml};
+use sentinel_shared::pem::{Pem, check_pem};
 use sentinel_shared::spec::ValidationErrors;
 use serde::Deserialize;
 
@@ -262,49 +263,6 @@ impl Config {
             errs.push("log_format", "must be 'text' or 'json'");
         }
         errs.into_result()
-    }
-}
-
-/// What a PEM file given in `grpc.tls` must hold.
-#[derive(Clone, Copy)]
-enum Pem {
-    /// At least one certificate.
-    Certificates,
-    /// A private key (PKCS#8, PKCS#1 or SEC1).
-    PrivateKey,
-}
-
-/// Reads a PEM file and checks it holds what `kind` needs, so a wrong or
-/// empty file is a configuration error naming the field, found before
-/// anything starts.
-fn check_pem(path: &Path, kind: Pem) -> Result<(), String> {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    let bytes = match std::fs::read(path) {
-        Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(format!("file {} does not exist", path.display()));
-        }
-        Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
-    };
-    let ok = match kind {
-        Pem::Certificates => {
-            let certs: Result<Vec<_>, _> = CertificateDer::pem_slice_iter(&bytes).collect();
-            certs.is_ok_and(|c| !c.is_empty())
-        }
-        Pem::PrivateKey => PrivateKeyDer::from_pem_slice(&bytes).is_ok(),
-    };
-    if ok {
-        Ok(())
-    } else {
-        Err(format!(
-            "{} holds no PEM {}",
-            path.display(),
-            match kind {
-                Pem::Certificates => "certificate",
-                Pem::PrivateKey => "private key",
-            }
-        ))
     }
 }
 

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
+use sentinel_shared::pem::{Pem, check_pem};
 use serde::{Deserialize, Serialize};
 
 /// Exit code for a configuration error (`EX_CONFIG` would be 78; sysexits'
@@ -248,10 +249,10 @@ impl Config {
                     .into(),
             );
         }
-        for (field, path, key) in [
-            ("ca_file", &cp.ca_file, false),
-            ("cert_file", &cp.cert_file, false),
-            ("key_file", &cp.key_file, true),
+        for (field, path, kind) in [
+            ("ca_file", &cp.ca_file, Pem::Certificates),
+            ("cert_file", &cp.cert_file, Pem::Certificates),
+            ("key_file", &cp.key_file, Pem::PrivateKey),
         ] {
             let Some(path) = path else { continue };
             if !https && !cp.url.is_empty() {
@@ -259,7 +260,7 @@ impl Config {
                     field,
                     "is only used with an https:// url; this url is plaintext".into(),
                 );
-            } else if let Err(m) = check_pem(path, key) {
+            } else if let Err(m) = check_pem(path, kind) {
                 push(field, m);
             }
         }
@@ -268,36 +269,6 @@ impl Config {
             (None, Some(_)) => push("cert_file", "is required with key_file".into()),
             _ => {}
         }
-    }
-}
-
-/// Reads a PEM file and checks it holds a private key (`key`) or at least
-/// one certificate: an empty or wrong file is named at start, not found
-/// later as a failing handshake.
-fn check_pem(path: &Path, key: bool) -> Result<(), String> {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    let bytes = match std::fs::read(path) {
-        Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(format!("file {} does not exist", path.display()));
-        }
-        Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
-    };
-    let ok = if key {
-        PrivateKeyDer::from_pem_slice(&bytes).is_ok()
-    } else {
-        let certs: Result<Vec<_>, _> = CertificateDer::pem_slice_iter(&bytes).collect();
-        certs.is_ok_and(|c| !c.is_empty())
-    };
-    if ok {
-        Ok(())
-    } else {
-        Err(format!(
-            "{} holds no PEM {}",
-            path.display(),
-            if key { "private key" } else { "certificate" }
-        ))
     }
 }
 

@@ -17,6 +17,7 @@
 pub mod audit;
 pub mod error;
 pub mod keys;
+pub mod pem;
 pub mod policy;
 pub mod spec;
 
