@@ -138,12 +138,21 @@ pub fn bound_text(text: &str, max_bytes: usize) -> (String, bool) {
     while cut > 0 && !text.is_char_boundary(cut) {
         cut -= 1;
     }
-    let wrapped = serde_json::json!({
-        "$truncated": true,
-        "bytes": text.len(),
-        "prefix": &text[..cut],
-    });
-    (wrapped.to_string(), true)
+    // Written straight to text (no `Value` holding a copy of the prefix),
+    // keys in the order `json!` would sort them.
+    #[derive(serde::Serialize)]
+    struct Truncated<'a> {
+        #[serde(rename = "$truncated")]
+        truncated: bool,
+        bytes: usize,
+        prefix: &'a str,
+    }
+    let wrapped = Truncated {
+        truncated: true,
+        bytes: text.len(),
+        prefix: &text[..cut],
+    };
+    (serde_json::to_string(&wrapped).unwrap_or_default(), true)
 }
 
 /// SHA-256 over the protobuf encoding of `ev` with `hash` left empty.
@@ -347,6 +356,13 @@ mod tests {
         assert!(out.len() < 400);
         let (none, cut) = audit_arguments(&big, &Redactor::default(), 0);
         assert!(none.is_empty() && cut);
+        // The same text a `Value` of the wrapper would print: stored records
+        // and their hashes do not change with how it is written.
+        let (wrapped, _) = bound_text(&big, 101);
+        let expected = serde_json::json!({
+            "$truncated": true, "bytes": big.len(), "prefix": &big[..101]
+        });
+        assert_eq!(wrapped, expected.to_string());
     }
 
     #[test]
