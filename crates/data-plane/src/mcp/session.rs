@@ -9,6 +9,9 @@
 //! Format: `s1.<key id>.<base64url(nonce || ciphertext)>`; the key id and
 //! the version prefix are authenticated as associated data.
 
+use std::collections::HashMap;
+use std::sync::Mutex;
+
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
@@ -76,7 +79,16 @@ pub enum OpenError {
 pub struct SessionSealer {
     newest: (u32, XChaCha20Poly1305),
     all: Vec<(u32, XChaCha20Poly1305)>,
+    /// Tokens this sealer has opened, by their exact text: a session sends
+    /// the same token with every request, and opening it (decrypt, JSON)
+    /// cost ~5% of a tools/call. Only a token that authenticated is ever
+    /// put here; a new policy version builds a new sealer, so a removed key
+    /// takes its sessions with it. Bounded: emptied when full.
+    opened: Mutex<HashMap<String, SessionState>>,
 }
+
+/// Opened tokens kept per sealer at most.
+const OPENED_CAP: usize = 4096;
 
 impl SessionSealer {
     /// `Ok(None)` when the policy holds no session key.
@@ -90,7 +102,11 @@ impl SessionSealer {
         let Some(newest) = all.iter().max_by_key(|(id, _)| *id).cloned() else {
             return Ok(None);
         };
-        Ok(Some(Self { newest, all }))
+        Ok(Some(Self {
+            newest,
+            all,
+            opened: Mutex::new(HashMap::new()),
+        }))
     }
 
     pub fn seal(&self, state: &SessionState) -> Result<String, String> {
@@ -116,6 +132,23 @@ impl SessionSealer {
     }
 
     pub fn open(&self, token: &str) -> Result<SessionState, OpenError> {
+        if let Some(s) = self.cached().get(token) {
+            return Ok(s.clone());
+        }
+        let state = self.open_sealed(token)?;
+        let mut cache = self.cached();
+        if cache.len() >= OPENED_CAP {
+            cache.clear();
+        }
+        cache.insert(token.to_string(), state.clone());
+        Ok(state)
+    }
+
+    fn cached(&self) -> std::sync::MutexGuard<'_, HashMap<String, SessionState>> {
+        self.opened.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn open_sealed(&self, token: &str) -> Result<SessionState, OpenError> {
         if token.len() > MAX_TOKEN_LEN {
             return Err(OpenError::Malformed);
         }
@@ -202,11 +235,28 @@ mod tests {
     }
 
     #[test]
+    fn opened_tokens_are_bounded() {
+        let s = SessionSealer::new(&[key(1, 1)]).unwrap().unwrap();
+        let tokens: Vec<String> = (0..OPENED_CAP + 10)
+            .map(|_| s.seal(&state()).unwrap())
+            .collect();
+        for t in &tokens {
+            assert_eq!(s.open(t).unwrap(), state());
+        }
+        assert!(s.cached().len() <= OPENED_CAP);
+        // Emptied when full, the earliest still open (the slow way).
+        assert_eq!(s.open(&tokens[0]).unwrap(), state());
+    }
+
+    #[test]
     fn tampering_is_detected() {
         let s = SessionSealer::new(&[key(1, 1), key(2, 2)])
             .unwrap()
             .unwrap();
         let t = s.seal(&state()).unwrap();
+        // Opened once, the token is kept: tampered copies of it still fail.
+        assert_eq!(s.open(&t).unwrap(), state());
+        assert_eq!(s.open(&t).unwrap(), state());
         // Claiming another key id breaks the associated data.
         let relabelled = t.replacen("s1.2.", "s1.1.", 1);
         assert_eq!(s.open(&relabelled), Err(OpenError::Forged));
