@@ -22,8 +22,8 @@ pub mod writer;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use sentinel_shared::proto::AuditEvent;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -108,8 +108,17 @@ pub struct SpoolStats {
 /// The request path's handle on the spool. Cheap to clone.
 #[derive(Clone)]
 pub struct Spool {
-    tx: mpsc::UnboundedSender<Cmd>,
+    to: Appender,
     shared: Arc<Shared>,
+}
+
+/// How appends reach the writer.
+#[derive(Clone)]
+enum Appender {
+    /// `fsync`: the group-commit thread.
+    Thread(mpsc::UnboundedSender<Cmd>),
+    /// `os`: the caller writes (see [`writer`]).
+    Inline(Arc<Mutex<Writer>>),
 }
 
 /// The file holding the boot epoch.
@@ -156,12 +165,20 @@ impl Spool {
             open_segment: AtomicU64::new(next_index),
             committed,
         });
-        let writer = Writer::start(shared.clone(), &cfg, next_index).map_err(io)?;
-        let (tx, rx) = mpsc::unbounded_channel();
-        std::thread::Builder::new()
-            .name("audit-spool".into())
-            .spawn(move || writer.run(rx))
-            .map_err(io)?;
+        let writer = Arc::new(Mutex::new(
+            Writer::start(shared.clone(), &cfg, next_index).map_err(io)?,
+        ));
+        let to = match cfg.durability {
+            Durability::Os => Appender::Inline(writer),
+            Durability::Fsync => {
+                let (tx, rx) = mpsc::unbounded_channel();
+                std::thread::Builder::new()
+                    .name("audit-spool".into())
+                    .spawn(move || Writer::run(writer, rx))
+                    .map_err(io)?;
+                Appender::Thread(tx)
+            }
+        };
         let chain_breaks: u64 = scanned.iter().map(|s| s.chain_breaks).sum();
         tracing::info!(
             dir = %cfg.dir.display(),
@@ -171,44 +188,56 @@ impl Spool {
             chain_breaks,
             "audit spool open"
         );
-        Ok(Spool { tx, shared })
+        Ok(Spool { to, shared })
     }
 
     /// Appends the attempt of a call about to be forwarded; resolves once it
     /// is durable. Returns its sequence number (0: dropped, by the `drop`
     /// policy of a full spool). An error means: do not forward the call.
     pub async fn attempt(&self, event: AuditEvent) -> Result<u64, AppendError> {
-        let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Cmd::Append {
-                kind: Kind::Attempt,
-                sequence: 0,
-                event,
-                reply: Some(reply),
-            })
-            .map_err(|_| AppendError::Closed)?;
-        rx.await.map_err(|_| AppendError::Closed)?
+        match &self.to {
+            Appender::Inline(w) => writer::lock(w).append_now(Kind::Attempt, 0, event),
+            Appender::Thread(tx) => {
+                let (reply, rx) = oneshot::channel();
+                tx.send(Cmd::Append {
+                    kind: Kind::Attempt,
+                    sequence: 0,
+                    event,
+                    reply: Some(reply),
+                })
+                .map_err(|_| AppendError::Closed)?;
+                rx.await.map_err(|_| AppendError::Closed)?
+            }
+        }
     }
 
-    /// Appends the complete event of attempt `sequence`. Never blocks.
+    /// Appends the complete event of attempt `sequence`. Never waits for a
+    /// sync.
     pub fn outcome(&self, sequence: u64, event: AuditEvent) {
-        let _ = self.tx.send(Cmd::Append {
-            kind: Kind::Outcome,
-            sequence,
-            event,
-            reply: None,
-        });
+        self.append(Kind::Outcome, sequence, event);
     }
 
     /// Appends the complete event of a call that was never forwarded.
-    /// Never blocks.
+    /// Never waits for a sync.
     pub fn whole(&self, event: AuditEvent) {
-        let _ = self.tx.send(Cmd::Append {
-            kind: Kind::Whole,
-            sequence: 0,
-            event,
-            reply: None,
-        });
+        self.append(Kind::Whole, 0, event);
+    }
+
+    fn append(&self, kind: Kind, sequence: u64, event: AuditEvent) {
+        match &self.to {
+            // A failure is counted and logged by the writer.
+            Appender::Inline(w) => {
+                let _ = writer::lock(w).append_now(kind, sequence, event);
+            }
+            Appender::Thread(tx) => {
+                let _ = tx.send(Cmd::Append {
+                    kind,
+                    sequence,
+                    event,
+                    reply: None,
+                });
+            }
+        }
     }
 
     pub fn epoch(&self) -> u64 {
@@ -310,6 +339,41 @@ mod tests {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         // A restart is a new epoch and finds the backlog on disk.
         let again = Spool::open(cfg(dir.path())).unwrap();
+        assert_eq!(again.epoch(), 2);
+        assert_eq!(again.stats().backlog, 201);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn with_os_durability_the_caller_writes_and_sequences_follow_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = cfg(dir.path());
+        c.durability = Durability::Os;
+        // Small segments: appends roll over to new segments as they go.
+        c.segment_bytes = 4096;
+        let spool = Spool::open(c.clone()).unwrap();
+        let mut tasks = Vec::new();
+        for i in 0..200 {
+            let s = spool.clone();
+            tasks.push(tokio::spawn(async move {
+                let seq = s.attempt(ev(&format!("t{i}"))).await.unwrap();
+                s.outcome(seq, ev("done"));
+                seq
+            }));
+        }
+        let mut seqs = Vec::new();
+        for t in tasks {
+            seqs.push(t.await.unwrap());
+        }
+        seqs.sort_unstable();
+        assert_eq!(seqs, (1..=200).collect::<Vec<_>>());
+        // Written before `whole` returns: no writer thread to wait for.
+        spool.whole(ev("denied"));
+        assert_eq!(spool.stats().backlog, 201);
+        assert!(writer::list_segments(dir.path()).unwrap().len() > 2);
+        drop(spool);
+        let scanned = writer::recover(dir.path()).unwrap();
+        assert_eq!(scanned.iter().map(|s| s.chain_breaks).sum::<u64>(), 0);
+        let again = Spool::open(c).unwrap();
         assert_eq!(again.epoch(), 2);
         assert_eq!(again.stats().backlog, 201);
     }

@@ -93,7 +93,7 @@ pub fn count_unacked(dir: &Path, acked: &Acked) -> std::io::Result<u64> {
             continue;
         };
         let mut pos = format::HEADER_LEN as usize;
-        while let Next::Record(r, len) = format::decode(&data[pos..]) {
+        while let Next::Record(r, len) = format::decode_unhashed(&data[pos..]) {
             pos += len as usize;
             if r.kind != Kind::Outcome && (epoch, r.sequence) > acked.key() {
                 n += 1;
@@ -149,6 +149,8 @@ struct Shipper {
     /// The last event put in a batch (sealed): the chain continues from it.
     shipped: Acked,
     pending: BTreeMap<(u64, u64), Entry>,
+    /// Events sealed into the chain and not sent yet: the next batch.
+    staged: Vec<AuditEvent>,
     in_flight: VecDeque<Batch>,
     next_batch: u64,
     // Reader position: segment index, offset, that segment's epoch.
@@ -187,6 +189,7 @@ pub async fn run(
         shipped: acked.clone(),
         acked,
         pending: BTreeMap::new(),
+        staged: Vec::new(),
         in_flight: VecDeque::new(),
         next_batch: 1,
         seg: first,
@@ -213,7 +216,11 @@ pub async fn run(
         }
         tokio::select! {
             _ = &mut shutdown => return,
-            _ = committed.changed() => {}
+            // While a batch is in flight the next one fills up unread: its
+            // ack wakes the loop, which then reads everything committed
+            // meanwhile into one batch (one transaction on the control
+            // plane instead of one per group commit).
+            _ = committed.changed(), if s.in_flight.is_empty() => {}
             ack = next_ack(&mut conn) => match ack {
                 Some(Ok(resp)) => {
                     backoff = Duration::from_millis(50);
@@ -353,7 +360,7 @@ impl Shipper {
             let mut pos = 0usize;
             let mut bad = false;
             loop {
-                match format::decode(&data[pos..]) {
+                match format::decode_unhashed(&data[pos..]) {
                     Next::Record(r, n) => {
                         self.take(r, self.off + pos as u64);
                         pos += n as usize;
@@ -470,23 +477,26 @@ impl Shipper {
         }
     }
 
-    /// Sends new batches while there is room in flight. False if the
-    /// stream broke.
+    /// Sends new batches while there is room in flight. A batch short of
+    /// `batch_max` goes only when nothing is in flight, so batches grow
+    /// with the load instead of one per spool commit. False if the stream
+    /// broke.
     async fn fill(&mut self, c: &Conn) -> bool {
         while self.in_flight.len() < self.cfg.max_in_flight {
-            let mut events = Vec::new();
-            while events.len() < self.cfg.batch_max {
+            while self.staged.len() < self.cfg.batch_max {
                 match self.next_ready() {
-                    Some(ev) => events.push(ev),
+                    Some(ev) => self.staged.push(ev),
                     None => break,
                 }
             }
-            if events.is_empty() {
+            let full = self.staged.len() >= self.cfg.batch_max;
+            if self.staged.is_empty() || (!full && !self.in_flight.is_empty()) {
                 return true;
             }
+            // `shipped` is the last staged event: every staged event goes.
             let b = Batch {
                 id: self.next_batch,
-                events,
+                events: std::mem::take(&mut self.staged),
                 last: self.shipped.clone(),
             };
             self.next_batch += 1;

@@ -1,13 +1,20 @@
-//! The spool writer: one thread owns the open segment and appends records in
-//! groups. Every append waiting on a group shares one `write` and (in
-//! `fsync` mode) one `fdatasync`; a call's attempt is acknowledged only after
-//! its group is on disk. Sequence numbers are assigned here, so they follow
-//! the order of the file.
+//! The spool writer: it owns the open segment and appends records.
+//!
+//! - Durability `fsync`: one thread appends in groups. Every append waiting
+//!   on a group shares one `write` and one `fdatasync`; a call's attempt is
+//!   acknowledged only after its group is on disk.
+//! - Durability `os`: the caller appends and `write`s its record itself,
+//!   under a mutex held for that one `write` (never across an await). A
+//!   handoff to a thread and back costs two wake-ups per record, more than
+//!   the `write` of a few KB into the page cache it would save.
+//!
+//! Sequence numbers are assigned here, under the writer's lock, so they
+//! follow the order of the file.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use prost::Message;
@@ -73,6 +80,30 @@ pub(crate) struct Writer {
     buf: Vec<u8>,
 }
 
+impl Drop for Writer {
+    fn drop(&mut self) {
+        if let Err(error) = self.file.sync_data() {
+            tracing::warn!(%error, "spool: final sync failed");
+        }
+    }
+}
+
+pub(crate) fn lock(w: &Mutex<Writer>) -> MutexGuard<'_, Writer> {
+    w.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// An append's answer once its write is known: a record that was taken
+/// but not written is a disk error.
+fn after_write(
+    written: &std::io::Result<()>,
+    r: Result<u64, AppendError>,
+) -> Result<u64, AppendError> {
+    match (written, r) {
+        (Err(e), Ok(seq)) if seq != 0 => Err(AppendError::Disk(e.to_string())),
+        (_, r) => r,
+    }
+}
+
 /// Room beyond `max_bytes` kept for outcomes of admitted attempts and for
 /// refusals, so a full spool still records how admitted calls ended.
 fn reserve(max: u64) -> u64 {
@@ -105,55 +136,80 @@ impl Writer {
         })
     }
 
-    /// Runs until every sender is gone.
-    pub(crate) fn run(mut self, mut rx: mpsc::UnboundedReceiver<Cmd>) {
+    /// Runs until every sender is gone (durability `fsync`).
+    pub(crate) fn run(writer: Arc<Mutex<Writer>>, mut rx: mpsc::UnboundedReceiver<Cmd>) {
         let mut group: Vec<Waiter> = Vec::new();
         while let Some(first) = rx.blocking_recv() {
-            self.buf.clear();
-            self.group_first_seq = self.next_seq;
-            self.take(first, &mut group);
+            let mut w = lock(&writer);
+            w.begin();
+            w.take_cmd(first, &mut group);
             // Everything that queued while the last group was being written
             // joins this one: that is the group commit.
-            while self.buf.len() < 4 * 1024 * 1024 {
+            while w.buf.len() < 4 * 1024 * 1024 {
                 match rx.try_recv() {
-                    Ok(cmd) => self.take(cmd, &mut group),
+                    Ok(cmd) => w.take_cmd(cmd, &mut group),
                     Err(_) => break,
                 }
             }
-            let result = self.flush();
+            let result = w.end();
+            drop(w);
             for (reply, r) in group.drain(..) {
-                let r = match (&result, r) {
-                    (Err(e), Ok(seq)) if seq != 0 => Err(AppendError::Disk(e.to_string())),
-                    (_, r) => r,
-                };
-                let _ = reply.send(r);
+                let _ = reply.send(after_write(&result, r));
             }
-            if result.is_ok()
-                && self.offset >= self.segment_bytes
-                && let Err(error) = self.roll()
-            {
-                tracing::error!(%error, "spool: opening a new segment failed");
-            }
-        }
-        if let Err(error) = self.file.sync_data() {
-            tracing::warn!(%error, "spool: final sync failed");
         }
     }
 
-    fn take(&mut self, cmd: Cmd, group: &mut Vec<Waiter>) {
+    /// Appends one record and writes it before returning (durability `os`).
+    pub(crate) fn append_now(
+        &mut self,
+        kind: Kind,
+        sequence: u64,
+        event: AuditEvent,
+    ) -> Result<u64, AppendError> {
+        self.begin();
+        let r = self.take(kind, sequence, event);
+        let result = self.end();
+        after_write(&result, r)
+    }
+
+    fn begin(&mut self) {
+        self.buf.clear();
+        self.group_first_seq = self.next_seq;
+    }
+
+    /// Writes what `take` gathered; starts a new segment past its size.
+    fn end(&mut self) -> std::io::Result<()> {
+        let result = self.flush();
+        if result.is_ok()
+            && self.offset >= self.segment_bytes
+            && let Err(error) = self.roll()
+        {
+            tracing::error!(%error, "spool: opening a new segment failed");
+        }
+        result
+    }
+
+    fn take_cmd(&mut self, cmd: Cmd, group: &mut Vec<Waiter>) {
         let Cmd::Append {
             kind,
             sequence,
-            mut event,
+            event,
             reply,
         } = cmd;
+        let result = self.take(kind, sequence, event);
+        if let Some(reply) = reply {
+            group.push((reply, result));
+        }
+    }
+
+    fn take(&mut self, kind: Kind, sequence: u64, mut event: AuditEvent) -> Result<u64, AppendError> {
         let used = self.shared.used_bytes.load(Ordering::Relaxed) + self.buf.len() as u64;
         let limit = match kind {
             Kind::Attempt => self.max_bytes,
             Kind::Outcome | Kind::Whole => self.max_bytes + reserve(self.max_bytes),
         };
         let estimate = event.encoded_len() as u64 + 64;
-        let result = if kind == Kind::Outcome && sequence == 0 {
+        if kind == Kind::Outcome && sequence == 0 {
             // The outcome of an attempt that was dropped: nothing to add.
             Ok(0)
         } else if used + estimate > limit {
@@ -191,9 +247,6 @@ impl Writer {
             }
             self.chain = format::encode(kind, seq, &self.chain, &event, &mut self.buf);
             Ok(seq)
-        };
-        if let Some(reply) = reply {
-            group.push((reply, result));
         }
     }
 
@@ -247,7 +300,11 @@ impl Writer {
     }
 
     fn roll(&mut self) -> std::io::Result<()> {
-        self.file.sync_data()?;
+        // With `os` the segment is left to the OS like every write to it
+        // (and the caller's thread is not held up by a sync of 64 MiB).
+        if self.shared.durability == Durability::Fsync {
+            self.file.sync_data()?;
+        }
         let index = self.index + 1;
         let (file, offset) = create_segment(
             &self.shared.dir,
@@ -277,8 +334,8 @@ fn create_segment(
         .append(true)
         .open(&path)?;
     file.write_all(&format::header(epoch))?;
-    file.sync_data()?;
     if durability == Durability::Fsync {
+        file.sync_data()?;
         File::open(dir)?.sync_all()?;
     }
     Ok((file, format::HEADER_LEN))
