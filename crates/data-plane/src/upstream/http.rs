@@ -34,13 +34,18 @@ const ERA_LEGACY: u8 = 1;
 const ERA_MODERN: u8 = 2;
 
 /// The shared HTTP client: pooled, HTTP/1.1 and HTTP/2, no system proxy
-/// (upstreams are reached directly).
+/// (upstreams are reached directly), no redirects: the policy names where
+/// a backend is, and an upstream answering 3xx must not steer calls (and
+/// the policy's upstream headers) somewhere else. A 3xx is an upstream
+/// error like any other non-2xx status. (It also spares a URL re-parse per
+/// request in the redirect layer.)
 pub fn client() -> reqwest::Client {
     // reqwest is built without a default crypto provider; install ring's
     // once (a second install is refused harmlessly).
     let _ = rustls::crypto::ring::default_provider().install_default();
     reqwest::Client::builder()
         .no_proxy()
+        .redirect(reqwest::redirect::Policy::none())
         .pool_idle_timeout(Duration::from_secs(90))
         .pool_max_idle_per_host(64)
         .tcp_nodelay(true)
