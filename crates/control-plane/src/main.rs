@@ -11,6 +11,13 @@ use sentinel_control_plane::db::DbError;
 use sentinel_control_plane::server::{self, Listeners, StartError};
 use tokio_util::sync::CancellationToken;
 
+/// mimalloc rather than glibc malloc: a tools/call allocates and frees many
+/// small buffers (JSON trees, headers, audit text) across threads, where
+/// glibc's arenas spent about a quarter of the proxy's CPU (profile in
+/// docs/PERFORMANCE.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "sentinel-control-plane",

@@ -8,6 +8,13 @@ use clap::Parser;
 use sentinel_proxy::boot::{self, BootError};
 use sentinel_proxy::config::{Config, EXIT_BAD_CONFIG};
 
+/// mimalloc rather than glibc malloc: a tools/call allocates and frees many
+/// small buffers (JSON trees, headers, audit text) across threads, where
+/// glibc's arenas spent about a quarter of the proxy's CPU (profile in
+/// docs/PERFORMANCE.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "sentinel-proxy", version, about = "Sentinel's MCP data plane")]
 struct Args {
