@@ -14,8 +14,8 @@
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use prost::Message;
 use sentinel_shared::proto::{AuditEvent, Outcome};
@@ -202,7 +202,12 @@ impl Writer {
         }
     }
 
-    fn take(&mut self, kind: Kind, sequence: u64, mut event: AuditEvent) -> Result<u64, AppendError> {
+    fn take(
+        &mut self,
+        kind: Kind,
+        sequence: u64,
+        mut event: AuditEvent,
+    ) -> Result<u64, AppendError> {
         let used = self.shared.used_bytes.load(Ordering::Relaxed) + self.buf.len() as u64;
         let limit = match kind {
             Kind::Attempt => self.max_bytes,
