@@ -287,7 +287,7 @@ async fn through_copy(evs: &[AuditEvent], binary: bool) -> f64 {
 }
 
 pub async fn run(quick: bool) -> Value {
-    let total = if quick { 20_000 } else { 200_000 };
+    let total = if quick { 2_000 } else { 200_000 };
     let rounds = if quick { 1 } else { 5 };
     println!(
         "\n== audit ingest: {total} events (batches of {BATCH}, {} in flight) per round, {rounds} rounds, alternating",

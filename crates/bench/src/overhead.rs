@@ -132,14 +132,14 @@ impl Plan {
         if quick {
             return Plan {
                 rounds: 1,
-                run: Duration::from_secs(1),
+                run: Duration::from_millis(500),
                 kinds,
                 matrix: vec![
                     (legacy_json, vec![Mode::Rate(200), Mode::Saturate(16)]),
                     (modern_sse, vec![Mode::Saturate(16)]),
                 ],
                 fsync_matrix: Vec::new(),
-                memory_sessions: 100,
+                memory_sessions: 20,
             };
         }
         kinds.push(Kind::FullFsync);
@@ -163,6 +163,32 @@ impl Plan {
             ],
             fsync_matrix: vec![(legacy_json, reduced.clone()), (modern_json, reduced)],
             memory_sessions: MEMORY_SESSIONS,
+        }
+    }
+}
+
+impl Plan {
+    /// Focused runs while profiling: `SENTINEL_BENCH_SETUPS` (names, comma
+    /// separated, e.g. `direct,sentinel-full`), `SENTINEL_BENCH_SECS` (per
+    /// run), `SENTINEL_BENCH_ROUNDS`. Unset, the plan is as above.
+    fn narrow_from_env(&mut self) {
+        if let Ok(names) = std::env::var("SENTINEL_BENCH_SETUPS") {
+            let names: Vec<&str> = names.split(',').map(str::trim).collect();
+            self.kinds.retain(|k| names.contains(&k.name()));
+        }
+        if let Some(secs) = std::env::var("SENTINEL_BENCH_SECS")
+            .ok()
+            .and_then(|s| s.parse::<f64>().ok())
+            .filter(|s| (0.1..=600.0).contains(s))
+        {
+            self.run = Duration::from_secs_f64(secs);
+        }
+        if let Some(r) = std::env::var("SENTINEL_BENCH_ROUNDS")
+            .ok()
+            .and_then(|s| s.parse::<usize>().ok())
+            .filter(|r| (1..=50).contains(r))
+        {
+            self.rounds = r;
         }
     }
 }
@@ -535,7 +561,8 @@ pub async fn run(quick: bool) -> Value {
     if nginx.is_none() {
         println!("nginx: skipped (not installed)");
     }
-    let plan = Plan::new(quick, nginx.is_some());
+    let mut plan = Plan::new(quick, nginx.is_some());
+    plan.narrow_from_env();
     println!(
         "{} round(s), {} s per run, set-ups alternate within a round; {} connections at fixed rates; \
          echo tool, {} B argument; nothing pinned: every process may use all {} cores \
