@@ -50,6 +50,24 @@ pub struct Proc {
 }
 
 impl Proc {
+    /// SIGTERM, then waits (bounded) for a graceful exit; SIGKILL past it.
+    pub fn term(&mut self, limit: Duration) {
+        let Some(c) = &mut self.child else { return };
+        // The child is not reaped yet, so its pid cannot have been reused.
+        let _ = Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status();
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = c.try_wait() {
+                self.child = None;
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.kill9();
+    }
+
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();

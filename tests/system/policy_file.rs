@@ -149,7 +149,10 @@ async fn a_standalone_proxy_spools_its_audit_and_ships_it_once_joined() {
         .map(|m| m.len())
         .sum();
     assert!(spooled > 0, "nothing spooled on disk");
-    proxy.proc.kill9();
+    // A graceful stop: outcomes are appended without waiting, and a stop
+    // writes them before the exit (a crash would leave the last call's
+    // outcome `unknown`, which the fault tests cover).
+    tokio::task::block_in_place(|| proxy.proc.term(Duration::from_secs(10)));
 
     // Joined to a control plane, the same proxy (same spool) ships it.
     let cp = Cp::start().await;
@@ -161,11 +164,33 @@ async fn a_standalone_proxy_spools_its_audit_and_ships_it_once_joined() {
         .await
         < 3
     {
-        assert!(
-            Instant::now() < deadline,
-            "the standalone proxy's audit never reached Postgres; proxy log:\n{}",
-            std::fs::read_to_string(&proxy.log).unwrap_or_default()
-        );
+        if Instant::now() >= deadline {
+            // What reached Postgres, and what the proxy's shipper says: a
+            // failure here must tell which side lost the events.
+            let rows: Vec<(i64, i64, String)> = sqlx::query_as(
+                "SELECT epoch, sequence, outcome FROM audit_events WHERE proxy_id = 'proxy-standalone' ORDER BY epoch, sequence",
+            )
+            .fetch_all(&cp.db.pool)
+            .await
+            .unwrap_or_default();
+            let dead: Vec<(String,)> =
+                sqlx::query_as("SELECT reason FROM audit_dead_letters WHERE proxy_id = 'proxy-standalone'")
+                    .fetch_all(&cp.db.pool)
+                    .await
+                    .unwrap_or_default();
+            let metrics = match reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await {
+                Ok(r) => r.text().await.unwrap_or_default(),
+                Err(e) => e.to_string(),
+            };
+            let audit_metrics: Vec<&str> = metrics
+                .lines()
+                .filter(|l| l.starts_with("sentinel_audit"))
+                .collect();
+            panic!(
+                "the standalone proxy's audit never reached Postgres\nrows: {rows:?}\ndead letters: {dead:?}\nproxy metrics: {audit_metrics:#?}\nproxy log:\n{}",
+                std::fs::read_to_string(&proxy.log).unwrap_or_default()
+            );
+        }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(

@@ -77,14 +77,23 @@ struct Parts {
     reader: crate::policy::PolicyReader,
     sink: Arc<dyn AuditSink>,
     spool: Option<Spool>,
+    /// A shipper runs (a control plane is configured).
+    shipping: bool,
     publisher: Arc<crate::policy::PolicyPublisher>,
     stop_tx: watch::Sender<bool>,
 }
 
 impl Parts {
-    /// Waits (bounded) until the control plane acked everything spooled.
+    /// Writes what is queued for the spool, then waits (bounded) until the
+    /// control plane acked everything spooled.
     async fn drain(&self, limit: std::time::Duration) {
         let Some(spool) = &self.spool else { return };
+        // Outcomes are appended without waiting: written before exit, a
+        // call answered before the stop is not recorded as `unknown`.
+        let _ = tokio::time::timeout(limit, spool.flush()).await;
+        if !self.shipping {
+            return;
+        }
         let deadline = tokio::time::Instant::now() + limit;
         while spool.stats().backlog > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
@@ -132,8 +141,9 @@ fn parts(config: &Config) -> Result<Parts, BootError> {
         }
     };
 
+    let shipping = !cp.url.is_empty();
     let mut kept_spool = None;
-    let sink: Arc<dyn AuditSink> = if cp.url.is_empty() {
+    let sink: Arc<dyn AuditSink> = if !shipping {
         // Recorded on disk, bounded by spool.max_bytes and spool.on_full
         // like any other; shipped once the proxy starts with a control plane.
         let spool = Spool::open(spool_config(config)?)?;
@@ -141,6 +151,7 @@ fn parts(config: &Config) -> Result<Parts, BootError> {
             spool = %config.spool.dir.display(),
             "no control_plane.url: audit events stay in the spool until a control plane is configured"
         );
+        kept_spool = Some(spool.clone());
         Arc::new(SpoolSink(spool))
     } else {
         let channel = channel(config)?;
@@ -181,6 +192,7 @@ fn parts(config: &Config) -> Result<Parts, BootError> {
         reader,
         sink,
         spool: kept_spool,
+        shipping,
         publisher,
         stop_tx,
     })

@@ -240,6 +240,18 @@ impl Spool {
         }
     }
 
+    /// Resolves once every record appended before the call is written as
+    /// durably as configured: outcomes and refusals are not waited for when
+    /// appended, so a stopping proxy waits here before it exits.
+    pub async fn flush(&self) {
+        if let Appender::Thread(tx) = &self.to {
+            let (reply, rx) = oneshot::channel();
+            if tx.send(Cmd::Flush { reply }).is_ok() {
+                let _ = rx.await;
+            }
+        }
+    }
+
     pub fn epoch(&self) -> u64 {
         self.shared.epoch
     }
@@ -341,6 +353,23 @@ mod tests {
         let again = Spool::open(cfg(dir.path())).unwrap();
         assert_eq!(again.epoch(), 2);
         assert_eq!(again.stats().backlog, 201);
+    }
+
+    #[tokio::test]
+    async fn flush_returns_once_everything_appended_before_it_is_on_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(cfg(dir.path())).unwrap();
+        let seq = spool.attempt(ev("called")).await.unwrap();
+        spool.outcome(seq, ev("called"));
+        for i in 0..500 {
+            spool.whole(ev(&format!("denied{i}")));
+        }
+        spool.flush().await;
+        // No polling: the writer took every record queued before the flush.
+        assert_eq!(spool.stats().backlog, 501);
+        drop(spool);
+        let reopened = Spool::open(cfg(dir.path())).unwrap();
+        assert_eq!(reopened.stats().backlog, 501);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -53,6 +53,10 @@ pub(crate) enum Cmd {
         event: AuditEvent,
         reply: Option<oneshot::Sender<Result<u64, AppendError>>>,
     },
+    /// Answered once everything sent before it is written (and synced).
+    Flush {
+        reply: oneshot::Sender<Result<u64, AppendError>>,
+    },
 }
 
 /// An append waiting for its group: where to answer, and the answer.
@@ -190,15 +194,20 @@ impl Writer {
     }
 
     fn take_cmd(&mut self, cmd: Cmd, group: &mut Vec<Waiter>) {
-        let Cmd::Append {
-            kind,
-            sequence,
-            event,
-            reply,
-        } = cmd;
-        let result = self.take(kind, sequence, event);
-        if let Some(reply) = reply {
-            group.push((reply, result));
+        match cmd {
+            Cmd::Append {
+                kind,
+                sequence,
+                event,
+                reply,
+            } => {
+                let result = self.take(kind, sequence, event);
+                if let Some(reply) = reply {
+                    group.push((reply, result));
+                }
+            }
+            // Answered with the group it joins, after its write.
+            Cmd::Flush { reply } => group.push((reply, Ok(0))),
         }
     }
 
