@@ -76,7 +76,7 @@ const DRAIN: std::time::Duration = std::time::Duration::from_secs(5);
 struct Parts {
     reader: crate::policy::PolicyReader,
     sink: Arc<dyn AuditSink>,
-    spool: Option<Spool>,
+    spool: Spool,
     /// A shipper runs (a control plane is configured).
     shipping: bool,
     publisher: Arc<crate::policy::PolicyPublisher>,
@@ -87,7 +87,7 @@ impl Parts {
     /// Writes what is queued for the spool, then waits (bounded) until the
     /// control plane acked everything spooled.
     async fn drain(&self, limit: std::time::Duration) {
-        let Some(spool) = &self.spool else { return };
+        let spool = &self.spool;
         // Outcomes are appended without waiting: written before exit, a
         // call answered before the stop is not recorded as `unknown`.
         let _ = tokio::time::timeout(limit, spool.flush()).await;
@@ -142,8 +142,7 @@ fn parts(config: &Config) -> Result<Parts, BootError> {
     };
 
     let shipping = !cp.url.is_empty();
-    let mut kept_spool = None;
-    let sink: Arc<dyn AuditSink> = if !shipping {
+    let spool = if !shipping {
         // Recorded on disk, bounded by spool.max_bytes and spool.on_full
         // like any other; shipped once the proxy starts with a control plane.
         let spool = Spool::open(spool_config(config)?)?;
@@ -151,8 +150,7 @@ fn parts(config: &Config) -> Result<Parts, BootError> {
             spool = %config.spool.dir.display(),
             "no control_plane.url: audit events stay in the spool until a control plane is configured"
         );
-        kept_spool = Some(spool.clone());
-        Arc::new(SpoolSink(spool))
+        spool
     } else {
         let channel = channel(config)?;
         let spool = Spool::open(spool_config(config)?)?;
@@ -184,14 +182,14 @@ fn parts(config: &Config) -> Result<Parts, BootError> {
             }),
         };
         tokio::spawn(sync.run(channel, publisher.clone(), stopped()));
-        kept_spool = Some(spool.clone());
-        Arc::new(SpoolSink(spool))
+        spool
     };
+    let sink: Arc<dyn AuditSink> = Arc::new(SpoolSink(spool.clone()));
 
     Ok(Parts {
         reader,
         sink,
-        spool: kept_spool,
+        spool,
         shipping,
         publisher,
         stop_tx,

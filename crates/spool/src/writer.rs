@@ -45,6 +45,9 @@ pub struct Shared {
     pub committed: watch::Sender<Pos>,
 }
 
+// Boxing `Append`'s event would cost an allocation per record on the hot
+// path to shrink the rare `Flush`.
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum Cmd {
     Append {
         kind: Kind,
