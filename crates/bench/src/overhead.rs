@@ -937,12 +937,16 @@ async fn memory(n: usize) -> Value {
     println!("\n-- memory (VmRSS, MiB)");
     let mut out = serde_json::Map::new();
     match proxy_memory(n).await {
-        Ok((idle, held)) => {
+        Ok((idle, anon, held)) => {
             println!("sentinel-policy proxy idle (policy loaded): {idle:.1}");
+            println!(
+                "  of which private (RssAnon): {anon:.1}; the rest is the binary's code and shared libraries (RssFile), shared by every proxy on the host"
+            );
             println!(
                 "sentinel-policy proxy with {n} idle legacy sessions (one open connection each): {held:.1}"
             );
             out.insert("proxy_idle_mib".into(), json!(idle));
+            out.insert("proxy_idle_anon_mib".into(), json!(anon));
             out.insert("proxy_sessions".into(), json!(n));
             out.insert("proxy_with_sessions_mib".into(), json!(held));
             out.insert(
@@ -975,11 +979,13 @@ fn rss_mib(pid: u32) -> f64 {
     procs::status_kb(pid, "VmRSS") as f64 / 1024.0
 }
 
-async fn proxy_memory(n: usize) -> anyhow::Result<(f64, f64)> {
+/// Idle RSS, its private (anonymous) part, RSS with `n` sessions.
+async fn proxy_memory(n: usize) -> anyhow::Result<(f64, f64, f64)> {
     let s = start(Kind::Policy, None).await?;
     let pid = s.front.first().copied().unwrap_or(0);
     tokio::time::sleep(Duration::from_millis(500)).await;
     let idle = rss_mib(pid);
+    let anon = procs::status_kb(pid, "RssAnon") as f64 / 1024.0;
     let t = Arc::new(s.json.clone());
     let mut held = Vec::with_capacity(n);
     while held.len() < n {
@@ -989,7 +995,7 @@ async fn proxy_memory(n: usize) -> anyhow::Result<(f64, f64)> {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let with = rss_mib(pid);
     drop(held);
-    Ok((idle, with))
+    Ok((idle, anon, with))
 }
 
 async fn cp_memory(n: usize) -> anyhow::Result<(f64, f64)> {
