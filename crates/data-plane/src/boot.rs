@@ -88,13 +88,13 @@ impl Parts {
     /// control plane acked everything spooled.
     async fn drain(&self, limit: std::time::Duration) {
         let spool = &self.spool;
+        let deadline = tokio::time::Instant::now() + limit;
         // Outcomes are appended without waiting: written before exit, a
         // call answered before the stop is not recorded as `unknown`.
-        let _ = tokio::time::timeout(limit, spool.flush()).await;
+        let _ = tokio::time::timeout_at(deadline, spool.flush()).await;
         if !self.shipping {
             return;
         }
-        let deadline = tokio::time::Instant::now() + limit;
         while spool.stats().backlog > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
@@ -141,19 +141,16 @@ fn parts(config: &Config) -> Result<Parts, BootError> {
         }
     };
 
-    let shipping = !cp.url.is_empty();
-    let spool = if !shipping {
-        // Recorded on disk, bounded by spool.max_bytes and spool.on_full
-        // like any other; shipped once the proxy starts with a control plane.
-        let spool = Spool::open(spool_config(config)?)?;
-        tracing::warn!(
-            spool = %config.spool.dir.display(),
-            "no control_plane.url: audit events stay in the spool until a control plane is configured"
-        );
-        spool
+    // The control plane's address is checked before the spool is opened:
+    // a configuration error leaves the spool untouched (no new epoch).
+    let channel = if cp.url.is_empty() {
+        None
     } else {
-        let channel = channel(config)?;
-        let spool = Spool::open(spool_config(config)?)?;
+        Some(channel(config)?)
+    };
+    let shipping = channel.is_some();
+    let spool = Spool::open(spool_config(config)?)?;
+    if let Some(channel) = channel {
         tokio::spawn(shipper::run(
             spool.clone(),
             channel.clone(),
@@ -182,8 +179,14 @@ fn parts(config: &Config) -> Result<Parts, BootError> {
             }),
         };
         tokio::spawn(sync.run(channel, publisher.clone(), stopped()));
-        spool
-    };
+    } else {
+        // Recorded on disk, bounded by spool.max_bytes and spool.on_full
+        // like any other; shipped once the proxy starts with a control plane.
+        tracing::warn!(
+            spool = %config.spool.dir.display(),
+            "no control_plane.url: audit events stay in the spool until a control plane is configured"
+        );
+    }
     let sink: Arc<dyn AuditSink> = Arc::new(SpoolSink(spool.clone()));
 
     Ok(Parts {
