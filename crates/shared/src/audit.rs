@@ -415,13 +415,26 @@ mod tests {
 /// as ingest requires (an id made by `now_v7()` a moment before or after
 /// the timestamp can fall in another millisecond and be dead-lettered).
 pub fn event_id_at(timestamp_us: i64) -> String {
-    let us = timestamp_us.max(0) as u64;
-    let ts = uuid::Timestamp::from_unix(
-        uuid::NoContext,
-        us / 1_000_000,
-        ((us % 1_000_000) * 1000) as u32,
-    );
-    uuid::Uuid::new_v7(ts).hyphenated().to_string()
+    let ms = timestamp_us.max(0) as u64 / 1000;
+    v7_at_millis(ms).hyphenated().to_string()
+}
+
+/// A UUIDv7 for now. Unlike `Uuid::now_v7()`, whose random bits come from
+/// one `getrandom` system call per id, these come from the thread's
+/// CSPRNG (seeded from the OS, reseeded by `rand`): the proxy makes two ids
+/// per tools/call, and the system calls were a fifth of its syscalls.
+pub fn uuid_v7_now() -> uuid::Uuid {
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    v7_at_millis(ms)
+}
+
+fn v7_at_millis(ms: u64) -> uuid::Uuid {
+    let mut random = [0u8; 10];
+    rand::fill(&mut random[..]);
+    uuid::Builder::from_unix_timestamp_millis(ms, &random).into_uuid()
 }
 
 #[cfg(test)]
@@ -433,6 +446,23 @@ mod event_id_tests {
             let (s, n) = id.get_timestamp().unwrap().to_unix();
             assert_eq!(s as i64 * 1000 + (n / 1_000_000) as i64, ts / 1000);
             assert_eq!(id.get_version_num(), 7);
+        }
+    }
+
+    #[test]
+    fn ids_made_now_are_v7_distinct_and_carry_the_current_time() {
+        let before = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        let ids: std::collections::HashSet<_> = (0..1000).map(|_| super::uuid_v7_now()).collect();
+        assert_eq!(ids.len(), 1000);
+        for id in ids.iter().take(10) {
+            assert_eq!(id.get_version_num(), 7);
+            assert_eq!(id.get_variant(), uuid::Variant::RFC4122);
+            let (s, n) = id.get_timestamp().unwrap().to_unix();
+            let ms = s * 1000 + u64::from(n / 1_000_000);
+            assert!(ms >= before && ms < before + 60_000, "{ms} vs {before}");
         }
     }
 }

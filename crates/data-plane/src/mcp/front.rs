@@ -617,7 +617,7 @@ fn capabilities() -> Value {
 // ---------------------------------------------------------------------------
 
 fn request_id() -> String {
-    uuid::Uuid::now_v7().to_string()
+    sentinel_shared::audit::uuid_v7_now().to_string()
 }
 
 fn with_request_id(mut r: Response, id: &str) -> Response {

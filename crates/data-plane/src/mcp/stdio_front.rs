@@ -46,7 +46,7 @@ where
     }
     let headers = Arc::new(headers);
     let session: Arc<RwLock<Option<SessionState>>> = Arc::new(RwLock::new(None));
-    let session_id = format!("stdio:{}", uuid::Uuid::now_v7());
+    let session_id = format!("stdio:{}", sentinel_shared::audit::uuid_v7_now());
     let (tx, mut rx) = mpsc::channel::<Value>(256);
     let writer = tokio::spawn(async move {
         let mut out = output;
@@ -155,7 +155,7 @@ async fn handle(
         }
         return;
     };
-    let rid = uuid::Uuid::now_v7().to_string();
+    let rid = sentinel_shared::audit::uuid_v7_now().to_string();
     let principal = match authenticate(headers, &snap, st.clock.now_us()).await {
         Ok(p) => p,
         Err(u) => {
