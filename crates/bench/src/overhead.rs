@@ -13,8 +13,10 @@
 //!
 //! Cores: nothing is pinned; client, upstreams, the proxy under test, the
 //! control plane and Postgres share every core. nginx runs
-//! `worker_processes auto` and sentinel-proxy its default multi-threaded
-//! runtime, so both may use every core; the upstreams run one thread each.
+//! `worker_processes auto` (one worker per core) and sentinel-proxy its
+//! default, one event-loop thread (`workers = 1`; set
+//! `SENTINEL_PROXY_WORKERS` to compare others); the upstreams run one
+//! thread each.
 //!
 //! Memory: an idle `sentinel-policy` proxy, the same proxy holding 1,000
 //! idle legacy sessions (each on its own open connection), and a control
@@ -191,6 +193,12 @@ impl Plan {
             self.rounds = r;
         }
     }
+}
+
+/// The proxy's `workers` as the set-ups get it: the proxies inherit the
+/// bench's environment, so `SENTINEL_PROXY_WORKERS` reaches them.
+fn proxy_workers() -> String {
+    std::env::var("SENTINEL_PROXY_WORKERS").unwrap_or_else(|_| "1 (default)".into())
 }
 
 /// A set-up's processes, running.
@@ -566,13 +574,14 @@ pub async fn run(quick: bool) -> Value {
     println!(
         "{} round(s), {} s per run, set-ups alternate within a round; {} connections at fixed rates; \
          echo tool, {} B argument; nothing pinned: every process may use all {} cores \
-         (nginx worker_processes auto, sentinel-proxy default runtime, upstreams 1 thread, client 2 threads); \
+         (nginx worker_processes auto, sentinel-proxy workers = {}, upstreams 1 thread, client 2 threads); \
          {} binaries",
         plan.rounds,
         plan.run.as_secs_f64(),
         RATE_CONNS,
         load::ARG_BYTES,
         std::thread::available_parallelism().map_or(0, |n| n.get()),
+        proxy_workers(),
         procs::profile()
     );
     let mut samples = Vec::new();
@@ -922,7 +931,10 @@ fn report(
     out.insert("run_secs".into(), json!(plan.run.as_secs_f64()));
     out.insert(
         "cores".into(),
-        json!("nothing pinned; all processes share all cores; nginx worker_processes auto, sentinel-proxy default runtime, upstreams 1 thread, client 2 threads"),
+        json!(format!(
+            "nothing pinned; all processes share all cores; nginx worker_processes auto, sentinel-proxy workers = {}, upstreams 1 thread, client 2 threads",
+            proxy_workers()
+        )),
     );
     out.insert("rows".into(), json!(rows));
     out.insert("peak_rss_mib".into(), Value::Object(peak));

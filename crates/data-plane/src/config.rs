@@ -17,6 +17,9 @@ use serde::{Deserialize, Serialize};
 /// `EX_USAGE`, 64, is what operators of our other tools expect).
 pub const EXIT_BAD_CONFIG: i32 = 64;
 
+/// Most runtime threads `workers` may ask for.
+pub const MAX_WORKERS: usize = 256;
+
 /// Everything the proxy reads at start.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -53,6 +56,12 @@ pub struct Config {
     /// Stdio upstream commands this proxy may run, by name. The policy refers
     /// to them (`command_ref`); it can never add one.
     pub stdio: BTreeMap<String, StdioCommand>,
+    /// Runtime threads serving requests. 1 (the default): one event loop,
+    /// as a sidecar next to its agents wants it: no hand-offs and wake-ups
+    /// between threads, which cost a quarter of the CPU per call and doubled
+    /// the added latency at low rates (docs/PERFORMANCE.md). More threads,
+    /// or 0 for one per available core, for a proxy shared by many agents.
+    pub workers: usize,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -120,6 +129,7 @@ impl Default for Config {
             allowed_hosts: Vec::new(),
             upstream_timeout_ms: 30_000,
             stdio: BTreeMap::new(),
+            workers: 1,
         }
     }
 }
@@ -130,6 +140,15 @@ impl Default for Config {
 pub struct ConfigError(pub Vec<(String, String)>);
 
 impl Config {
+    /// The number of runtime threads to start: `workers`, with 0 meaning one
+    /// per core this process may run on.
+    pub fn worker_threads(&self) -> usize {
+        match self.workers {
+            0 => std::thread::available_parallelism().map_or(1, usize::from),
+            n => n,
+        }
+    }
+
     /// Reads `path` (if any) and then `SENTINEL_PROXY_*` variables.
     pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
         let mut fig = Figment::from(Serialized::defaults(Config::default()));
@@ -193,6 +212,12 @@ impl Config {
         }
         if self.upstream_timeout_ms == 0 {
             push("upstream_timeout_ms", "must be positive");
+        }
+        if self.workers > MAX_WORKERS {
+            push(
+                "workers",
+                &format!("must be 0 (one per core) to {MAX_WORKERS}"),
+            );
         }
         if self.control_plane.url.is_empty() && self.policy_file.is_none() {
             push(
@@ -374,6 +399,21 @@ mod tests {
                 "control_plane.key_file"
             ]
         );
+    }
+
+    #[test]
+    fn workers_default_to_one_event_loop_and_zero_means_one_per_core() {
+        let base = "proxy_id = \"p\"\npolicy_file = \"p.json\"\n";
+        let cfg = Config::from_toml(base).unwrap();
+        assert_eq!((cfg.workers, cfg.worker_threads()), (1, 1));
+        let cfg = Config::from_toml(&format!("{base}workers = 0\n")).unwrap();
+        assert!(cfg.worker_threads() >= 1);
+        let cfg = Config::from_toml(&format!("{base}workers = 4\n")).unwrap();
+        assert_eq!(cfg.worker_threads(), 4);
+        let err = Config::from_toml(&format!("{base}workers = 100000\n")).unwrap_err();
+        assert_eq!(err.0[0].0, "workers", "{err}");
+        let err = Config::from_toml(&format!("{base}workers = -1\n")).unwrap_err();
+        assert_eq!(err.0[0].0, "workers", "{err}");
     }
 
     #[test]

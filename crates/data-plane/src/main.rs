@@ -28,8 +28,7 @@ struct Args {
     stdio: bool,
 }
 
-#[tokio::main]
-async fn main() {
+fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
@@ -44,6 +43,30 @@ async fn main() {
             std::process::exit(EXIT_BAD_CONFIG);
         }
     };
+    // One thread: a current-thread runtime, where every task, timer and
+    // socket is served by the one event loop (no cross-thread wake-ups).
+    let workers = config.worker_threads();
+    let runtime = if workers == 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(workers)
+            .enable_all()
+            .build()
+    };
+    let runtime = match runtime {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("sentinel-proxy: cannot start the runtime ({workers} workers): {e}");
+            std::process::exit(1);
+        }
+    };
+    runtime.block_on(run(args, config));
+}
+
+async fn run(args: Args, config: Config) {
     if args.stdio {
         let Ok(credential) = std::env::var("SENTINEL_API_KEY") else {
             eprintln!(
