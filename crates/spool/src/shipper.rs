@@ -112,6 +112,11 @@ pub struct ShipperConfig {
     pub max_in_flight: usize,
     /// Events held in memory at most while waiting for an outcome.
     pub pending_cap: usize,
+    /// How long a commit seen while nothing is in flight waits before it is
+    /// read: the outcome of a fast call then joins its attempt, and the
+    /// shipper runs once per call, after the call, instead of twice in the
+    /// middle of it (on a one-thread proxy the request waits for that).
+    pub linger: Duration,
 }
 
 impl ShipperConfig {
@@ -121,6 +126,7 @@ impl ShipperConfig {
             batch_max: 1000,
             max_in_flight: 4,
             pending_cap: 20_000,
+            linger: Duration::from_millis(2),
         }
     }
 }
@@ -220,7 +226,9 @@ pub async fn run(
             // ack wakes the loop, which then reads everything committed
             // meanwhile into one batch (one transaction on the control
             // plane instead of one per group commit).
-            _ = committed.changed(), if s.in_flight.is_empty() => {}
+            _ = committed.changed(), if s.in_flight.is_empty() => {
+                tokio::time::sleep(s.cfg.linger).await;
+            }
             ack = next_ack(&mut conn) => match ack {
                 Some(Ok(resp)) => {
                     backoff = Duration::from_millis(50);
