@@ -47,7 +47,7 @@ pub async fn start(
     )
     .await;
     parts.drain(DRAIN).await;
-    parts.stop();
+    parts.stop().await;
     served.map_err(BootError::from)
 }
 
@@ -64,7 +64,7 @@ pub async fn start_stdio(config: Config, credential: String) -> Result<(), BootE
     )
     .await;
     parts.drain(DRAIN).await;
-    parts.stop();
+    parts.stop().await;
     served.map_err(BootError::from)
 }
 
@@ -77,8 +77,8 @@ struct Parts {
     reader: crate::policy::PolicyReader,
     sink: Arc<dyn AuditSink>,
     spool: Spool,
-    /// A shipper runs (a control plane is configured).
-    shipping: bool,
+    /// The shipper, when one runs (a control plane is configured).
+    shipper: Option<tokio::task::JoinHandle<()>>,
     publisher: Arc<crate::policy::PolicyPublisher>,
     stop_tx: watch::Sender<bool>,
 }
@@ -92,7 +92,7 @@ impl Parts {
         // Outcomes are appended without waiting: written before exit, a
         // call answered before the stop is not recorded as `unknown`.
         let _ = tokio::time::timeout_at(deadline, spool.flush()).await;
-        if !self.shipping {
+        if self.shipper.is_none() {
             return;
         }
         while spool.stats().backlog > 0 && tokio::time::Instant::now() < deadline {
@@ -107,10 +107,14 @@ impl Parts {
         }
     }
 
-    /// Stops the background tasks (sync client, shipper).
-    fn stop(self) {
+    /// Stops the background tasks (sync client, shipper) and gives the
+    /// shipper a moment to record its last ack.
+    async fn stop(self) {
         let _ = self.stop_tx.send(true);
         drop(self.publisher);
+        if let Some(shipper) = self.shipper {
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(1), shipper).await;
+        }
     }
 }
 
@@ -148,15 +152,15 @@ fn parts(config: &Config) -> Result<Parts, BootError> {
     } else {
         Some(channel(config)?)
     };
-    let shipping = channel.is_some();
     let spool = Spool::open(spool_config(config)?)?;
+    let mut shipper_task = None;
     if let Some(channel) = channel {
-        tokio::spawn(shipper::run(
+        shipper_task = Some(tokio::spawn(shipper::run(
             spool.clone(),
             channel.clone(),
             ShipperConfig::new(cp.join_token.clone()),
             stopped(),
-        ));
+        )));
         let stats_spool = spool.clone();
         let stats_reader = reader.clone();
         let sync = SyncClient {
@@ -193,7 +197,7 @@ fn parts(config: &Config) -> Result<Parts, BootError> {
         reader,
         sink,
         spool,
-        shipping,
+        shipper: shipper_task,
         publisher,
         stop_tx,
     })

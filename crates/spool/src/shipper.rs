@@ -35,6 +35,8 @@ use crate::writer::{Shared, list_segments};
 use crate::{Durability, Spool, write_atomically};
 
 const ACK_FILE: &str = "acked";
+/// How often the ack file is rewritten at most while acks arrive.
+const ACK_SAVE_EVERY: Duration = Duration::from_millis(200);
 /// Bytes read from a segment at a time.
 const READ_CHUNK: u64 = 16 * 1024 * 1024;
 
@@ -152,6 +154,9 @@ struct Shipper {
     shared: Arc<Shared>,
     cfg: ShipperConfig,
     acked: Acked,
+    /// What the ack file holds, and when it was last written.
+    ack_saved: Acked,
+    ack_saved_at: tokio::time::Instant,
     /// The last event put in a batch (sealed): the chain continues from it.
     shipped: Acked,
     pending: BTreeMap<(u64, u64), Entry>,
@@ -193,6 +198,8 @@ pub async fn run(
         shared,
         cfg,
         shipped: acked.clone(),
+        ack_saved: acked.clone(),
+        ack_saved_at: tokio::time::Instant::now(),
         acked,
         pending: BTreeMap::new(),
         staged: Vec::new(),
@@ -221,7 +228,10 @@ pub async fn run(
             conn = None;
         }
         tokio::select! {
-            _ = &mut shutdown => return,
+            _ = &mut shutdown => {
+                s.persist_ack(true).await;
+                return;
+            }
             // While a batch is in flight the next one fills up unread: its
             // ack wakes the loop, which then reads everything committed
             // meanwhile into one batch (one transaction on the control
@@ -266,7 +276,7 @@ pub async fn run(
                     }
                 }
             }
-            _ = tick.tick() => {}
+            _ = tick.tick() => s.persist_ack(false).await,
         }
         if had && conn.is_none() {
             // Lost the stream: back off before the next try, so a control
@@ -549,20 +559,41 @@ impl Shipper {
                 "control plane dead-lettered audit events"
             );
         }
-        // Persist the ack and reclaim segments off the async threads.
-        let dir = self.shared.dir.clone();
-        let acked = self.acked.clone();
-        let sync = self.shared.durability == Durability::Fsync;
+        self.persist_ack(false).await;
+        metrics::gauge!("sentinel_audit_backlog")
+            .set(self.shared.unacked.load(Ordering::Relaxed) as f64);
+        Ok(())
+    }
+}
+
+impl Shipper {
+    /// Records the last ack in the ack file and reclaims fully acked
+    /// segments, off the async threads. Unless `force`d (or a segment can
+    /// go), at most every [`ACK_SAVE_EVERY`]: at low rates each batch is
+    /// one call, and a file written and renamed per batch was a fifth of
+    /// the proxy's CPU. An ack not yet saved when the proxy dies only means
+    /// those events are shipped again, which ingest counts as duplicates.
+    async fn persist_ack(&mut self, force: bool) {
+        if self.acked == self.ack_saved {
+            return;
+        }
         let open = self.shared.open_segment.load(Ordering::Acquire);
+        let key = self.acked.key();
         let reclaimable: Vec<u64> = self
             .seg_max
             .iter()
-            .filter(|&(&seg, &max)| seg < open && seg < self.seg && max <= acked.key())
+            .filter(|&(&seg, &max)| seg < open && seg < self.seg && max <= key)
             .map(|(&seg, _)| seg)
             .collect();
+        if !force && reclaimable.is_empty() && self.ack_saved_at.elapsed() < ACK_SAVE_EVERY {
+            return;
+        }
         for seg in &reclaimable {
             self.seg_max.remove(seg);
         }
+        let dir = self.shared.dir.clone();
+        let acked = self.acked.clone();
+        let sync = self.shared.durability == Durability::Fsync;
         let shared = self.shared.clone();
         let r = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
             write_ack(&dir, &acked, sync)?;
@@ -578,14 +609,12 @@ impl Shipper {
             Ok(())
         })
         .await;
+        self.ack_saved_at = tokio::time::Instant::now();
         match r {
-            Ok(Ok(())) => {}
+            Ok(Ok(())) => self.ack_saved = self.acked.clone(),
             Ok(Err(error)) => tracing::warn!(%error, "spool: recording the ack failed"),
             Err(error) => tracing::warn!(%error, "spool: ack task failed"),
         }
-        metrics::gauge!("sentinel_audit_backlog")
-            .set(self.shared.unacked.load(Ordering::Relaxed) as f64);
-        Ok(())
     }
 }
 
