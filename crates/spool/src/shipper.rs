@@ -564,9 +564,7 @@ impl Shipper {
             .set(self.shared.unacked.load(Ordering::Relaxed) as f64);
         Ok(())
     }
-}
 
-impl Shipper {
     /// Records the last ack in the ack file and reclaims fully acked
     /// segments, off the async threads. Unless `force`d (or a segment can
     /// go), at most every [`ACK_SAVE_EVERY`]: at low rates each batch is
