@@ -172,6 +172,9 @@ struct Shipper {
     rewind: Option<(u64, u64, u64)>,
     /// Largest key seen in each fully or partly read segment.
     seg_max: BTreeMap<u64, (u64, u64)>,
+    /// The segment being read, kept open between reads: one `pread` per
+    /// read instead of open, seek, reads and close.
+    file: Option<(u64, std::fs::File)>,
 }
 
 /// Ships until `shutdown` resolves. Never returns an error: the control
@@ -210,6 +213,7 @@ pub async fn run(
         seg_epoch: 0,
         rewind: None,
         seg_max: BTreeMap::new(),
+        file: None,
     };
     let mut committed = s.shared.committed.subscribe();
     let mut conn: Option<Conn> = None;
@@ -337,7 +341,10 @@ impl Shipper {
         loop {
             let (open_seg, open_off) = *self.shared.committed.borrow();
             let path = self.shared.dir.join(format::segment_name(self.seg));
-            if !path.exists() {
+            if self.file.as_ref().is_none_or(|(i, _)| *i != self.seg) {
+                self.file = std::fs::File::open(&path).ok().map(|f| (self.seg, f));
+            }
+            let Some((_, file)) = &self.file else {
                 // Set aside or reclaimed: go on with the next one there is.
                 match self.next_segment() {
                     Some(i) if i <= open_seg => {
@@ -346,9 +353,9 @@ impl Shipper {
                     }
                     _ => return,
                 }
-            }
+            };
             if self.off == 0 {
-                match format::read_from(&path, 0).map(|d| format::parse_header(&d)) {
+                match read_range(file, 0, format::HEADER_LEN).map(|d| format::parse_header(&d)) {
                     Ok(Some(epoch)) => {
                         self.seg_epoch = epoch;
                         self.off = format::HEADER_LEN;
@@ -365,10 +372,11 @@ impl Shipper {
                 return;
             }
             let want = (limit - self.off).min(READ_CHUNK);
-            let data = match read_range(&path, self.off, want) {
+            let data = match read_range(file, self.off, want) {
                 Ok(d) => d,
                 Err(error) => {
                     tracing::warn!(%error, segment = %path.display(), "spool: read failed");
+                    self.file = None;
                     return;
                 }
             };
@@ -616,11 +624,27 @@ impl Shipper {
     }
 }
 
-fn read_range(path: &Path, off: u64, len: u64) -> std::io::Result<Vec<u8>> {
-    use std::io::{Read, Seek, SeekFrom};
-    let mut f = std::fs::File::open(path)?;
-    f.seek(SeekFrom::Start(off))?;
-    let mut buf = Vec::new();
-    f.take(len).read_to_end(&mut buf)?;
+/// Up to `len` bytes of `file` from `off` (fewer at its end), by
+/// positioned reads that leave no cursor behind.
+fn read_range(file: &std::fs::File, off: u64, len: u64) -> std::io::Result<Vec<u8>> {
+    use std::os::unix::fs::FileExt;
+    // The open segment's committed length is known and small; a closed
+    // segment is read in chunks of up to `READ_CHUNK`, bounded by its size.
+    let len = if len > 1 << 20 {
+        len.min(file.metadata()?.len().saturating_sub(off))
+    } else {
+        len
+    };
+    let mut buf = vec![0u8; len as usize];
+    let mut got = 0;
+    while got < buf.len() {
+        match file.read_at(&mut buf[got..], off + got as u64) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    buf.truncate(got);
     Ok(buf)
 }
