@@ -211,6 +211,17 @@ impl Spool {
         }
     }
 
+    /// As [`Spool::attempt`], stamping `event` in place (proxy id, epoch,
+    /// sequence, outcome `unknown`) instead of taking it: with durability
+    /// `os` the record is encoded straight from the caller's event, which
+    /// saves a copy of it per call.
+    pub async fn attempt_in_place(&self, event: &mut AuditEvent) -> Result<u64, AppendError> {
+        match &self.to {
+            Appender::Inline(w) => writer::lock(w).append_in_place(Kind::Attempt, 0, event),
+            Appender::Thread(_) => self.attempt(event.clone()).await,
+        }
+    }
+
     /// Appends the complete event of attempt `sequence`. Never waits for a
     /// sync.
     pub fn outcome(&self, sequence: u64, event: AuditEvent) {

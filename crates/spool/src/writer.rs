@@ -173,6 +173,17 @@ impl Writer {
         sequence: u64,
         event: AuditEvent,
     ) -> Result<u64, AppendError> {
+        let mut event = event;
+        self.append_in_place(kind, sequence, &mut event)
+    }
+
+    /// As [`Writer::append_now`], stamping the caller's event in place.
+    pub(crate) fn append_in_place(
+        &mut self,
+        kind: Kind,
+        sequence: u64,
+        event: &mut AuditEvent,
+    ) -> Result<u64, AppendError> {
         self.begin();
         let r = self.take(kind, sequence, event);
         let result = self.end();
@@ -204,7 +215,8 @@ impl Writer {
                 event,
                 reply,
             } => {
-                let result = self.take(kind, sequence, event);
+                let mut event = event;
+                let result = self.take(kind, sequence, &mut event);
                 if let Some(reply) = reply {
                     group.push((reply, result));
                 }
@@ -218,7 +230,7 @@ impl Writer {
         &mut self,
         kind: Kind,
         sequence: u64,
-        mut event: AuditEvent,
+        event: &mut AuditEvent,
     ) -> Result<u64, AppendError> {
         let used = self.shared.used_bytes.load(Ordering::Relaxed) + self.buf.len() as u64;
         let limit = match kind {
@@ -262,7 +274,7 @@ impl Writer {
             if kind == Kind::Attempt {
                 event.outcome = Outcome::Unknown as i32;
             }
-            self.chain = format::encode(kind, seq, &self.chain, &event, &mut self.buf);
+            self.chain = format::encode(kind, seq, &self.chain, event, &mut self.buf);
             Ok(seq)
         }
     }

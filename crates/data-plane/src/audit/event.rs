@@ -113,7 +113,7 @@ impl CallAudit {
     pub async fn attempt(&mut self) -> Result<(), AuditUnavailable> {
         self.ev.latency_us = self.started.elapsed().as_micros() as u64;
         self.ev.decision = json_text(&self.decision);
-        match self.sink.attempt(&self.ev).await {
+        match self.sink.attempt(&mut self.ev).await {
             Ok(t) => {
                 self.ticket = Some(t);
                 Ok(())

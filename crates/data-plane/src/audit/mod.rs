@@ -36,8 +36,10 @@ pub type AttemptFuture<'a> =
 pub trait AuditSink: Send + Sync + 'static {
     /// Records the attempt of a call about to be forwarded (`outcome` is
     /// `unknown` in `ev`). Resolves once the attempt is as durable as the
-    /// sink promises; `Err` refuses the call (HTTP 503).
-    fn attempt<'a>(&'a self, ev: &'a AuditEvent) -> AttemptFuture<'a>;
+    /// sink promises; `Err` refuses the call (HTTP 503). The sink may fill
+    /// in what it stamps on every record (proxy id, epoch, sequence) rather
+    /// than copy the event.
+    fn attempt<'a>(&'a self, ev: &'a mut AuditEvent) -> AttemptFuture<'a>;
     /// The complete event of an attempt recorded earlier. Never blocks.
     fn outcome(&self, ticket: AttemptTicket, ev: AuditEvent);
     /// A complete event for a call that was never forwarded (a refusal).
@@ -110,7 +112,7 @@ impl MemorySink {
 }
 
 impl AuditSink for MemorySink {
-    fn attempt<'a>(&'a self, ev: &'a AuditEvent) -> AttemptFuture<'a> {
+    fn attempt<'a>(&'a self, ev: &'a mut AuditEvent) -> AttemptFuture<'a> {
         Box::pin(async move {
             let mut g = self.inner();
             if g.fail_attempts {

@@ -9,9 +9,9 @@ use super::{AttemptFuture, AttemptTicket, AuditSink, AuditUnavailable};
 pub struct SpoolSink(pub Spool);
 
 impl AuditSink for SpoolSink {
-    fn attempt<'a>(&'a self, ev: &'a AuditEvent) -> AttemptFuture<'a> {
+    fn attempt<'a>(&'a self, ev: &'a mut AuditEvent) -> AttemptFuture<'a> {
         Box::pin(async move {
-            match self.0.attempt(ev.clone()).await {
+            match self.0.attempt_in_place(ev).await {
                 // Sequence 0: dropped by the `drop` policy of a full spool;
                 // its outcome is ignored.
                 Ok(seq) => Ok(AttemptTicket(seq)),
