@@ -235,3 +235,49 @@ async fn delivery_resumes_after_the_control_plane_comes_back() {
     ship.cancel();
     cp.cancel();
 }
+
+/// The shipper follows the writer across many small segments (it keeps the
+/// one it reads open), and attempts stamped in place (durability `os`, as
+/// the proxy appends them) arrive whole, once each, with their outcomes.
+#[tokio::test]
+async fn in_place_attempts_ship_across_rolling_segments() {
+    let db = TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let addr = free_addr();
+    let mut cfg = SpoolConfig::new(dir.path(), "proxy-s3");
+    cfg.durability = sentinel_spool::Durability::Os;
+    // A few records per segment: the writer rolls over about every tenth
+    // call while the shipper reads behind it.
+    cfg.segment_bytes = 4096;
+    let spool = Spool::open(cfg).unwrap();
+    let cp = start_cp(&db, addr).await;
+    let ship = start_shipper(&spool, addr);
+    for n in 0..400 {
+        let mut ev = event(n);
+        let seq = spool.attempt_in_place(&mut ev).await.unwrap();
+        // Stamped as the record was written.
+        assert_eq!((ev.sequence, ev.proxy_id.as_str()), (seq, "proxy-s3"));
+        assert_eq!(ev.outcome, Outcome::Unknown as i32);
+        spool.outcome(seq, done(ev));
+        if n % 40 == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    wait_drained(&spool, Duration::from_secs(30)).await;
+    assert_eq!(count(&db, "SELECT count(*) FROM audit_events").await, 400);
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM audit_events WHERE outcome = 'ok'"
+        )
+        .await,
+        400
+    );
+    assert_eq!(
+        count(&db, "SELECT count(DISTINCT event_id) FROM audit_events").await,
+        400
+    );
+    assert_eq!(count(&db, "SELECT count(*) FROM audit_gaps").await, 0);
+    ship.cancel();
+    cp.cancel();
+}
