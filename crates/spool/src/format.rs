@@ -16,8 +16,6 @@
 //! stops at the first record that is not, which is how a torn tail (a crash
 //! in the middle of a write) is found.
 
-use std::io::{self, Read};
-
 use prost::Message;
 use sentinel_shared::proto::AuditEvent;
 
@@ -185,16 +183,6 @@ fn decode_inner(data: &[u8], hashed: bool) -> Next {
         ),
         Err(e) => Next::Corrupt(format!("event does not decode: {e}")),
     }
-}
-
-/// Reads a whole file into memory from `offset` (segments are bounded).
-pub fn read_from(path: &std::path::Path, offset: u64) -> io::Result<Vec<u8>> {
-    use std::io::Seek;
-    let mut f = std::fs::File::open(path)?;
-    f.seek(io::SeekFrom::Start(offset))?;
-    let mut buf = Vec::new();
-    f.read_to_end(&mut buf)?;
-    Ok(buf)
 }
 
 #[cfg(test)]

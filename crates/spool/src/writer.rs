@@ -171,9 +171,8 @@ impl Writer {
         &mut self,
         kind: Kind,
         sequence: u64,
-        event: AuditEvent,
+        mut event: AuditEvent,
     ) -> Result<u64, AppendError> {
-        let mut event = event;
         self.append_in_place(kind, sequence, &mut event)
     }
 
@@ -212,10 +211,9 @@ impl Writer {
             Cmd::Append {
                 kind,
                 sequence,
-                event,
+                mut event,
                 reply,
             } => {
-                let mut event = event;
                 let result = self.take(kind, sequence, &mut event);
                 if let Some(reply) = reply {
                     group.push((reply, result));

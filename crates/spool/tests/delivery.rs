@@ -81,6 +81,16 @@ async fn count(db: &TestDb, sql: &'static str) -> i64 {
     n
 }
 
+/// `n` events stored, each once, and no gap in any chain.
+async fn assert_stored_once(db: &TestDb, n: i64) {
+    assert_eq!(count(db, "SELECT count(*) FROM audit_events").await, n);
+    assert_eq!(
+        count(db, "SELECT count(DISTINCT event_id) FROM audit_events").await,
+        n
+    );
+    assert_eq!(count(db, "SELECT count(*) FROM audit_gaps").await, 0);
+}
+
 async fn wait_drained(spool: &Spool, limit: Duration) {
     let deadline = Instant::now() + limit;
     while spool.stats().backlog > 0 {
@@ -226,12 +236,7 @@ async fn delivery_resumes_after_the_control_plane_comes_back() {
     }
     let cp = start_cp(&db, addr).await;
     wait_drained(&spool, Duration::from_secs(30)).await;
-    assert_eq!(count(&db, "SELECT count(*) FROM audit_events").await, 300);
-    assert_eq!(
-        count(&db, "SELECT count(DISTINCT event_id) FROM audit_events").await,
-        300
-    );
-    assert_eq!(count(&db, "SELECT count(*) FROM audit_gaps").await, 0);
+    assert_stored_once(&db, 300).await;
     ship.cancel();
     cp.cancel();
 }
@@ -264,7 +269,7 @@ async fn in_place_attempts_ship_across_rolling_segments() {
         }
     }
     wait_drained(&spool, Duration::from_secs(30)).await;
-    assert_eq!(count(&db, "SELECT count(*) FROM audit_events").await, 400);
+    assert_stored_once(&db, 400).await;
     assert_eq!(
         count(
             &db,
@@ -273,11 +278,6 @@ async fn in_place_attempts_ship_across_rolling_segments() {
         .await,
         400
     );
-    assert_eq!(
-        count(&db, "SELECT count(DISTINCT event_id) FROM audit_events").await,
-        400
-    );
-    assert_eq!(count(&db, "SELECT count(*) FROM audit_gaps").await, 0);
     ship.cancel();
     cp.cancel();
 }
