@@ -1460,6 +1460,110 @@ async fn prompts_and_resources_are_federated_and_routed() {
     assert!(unknown.get("error").is_some(), "{unknown}");
 }
 
+/// Plain answers pass through as the upstream wrote them (the client's id
+/// put on, the result text unchanged in the answer and the audit record);
+/// answers with more than JSON-RPC's members, invalid ones, and answers a
+/// 2026-07-28 client needs `resultType` added to take the general path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_upstream_answers_pass_through_unchanged() {
+    use axum::routing::post;
+    const SPACED: &str = "{ \"content\" : [ {\"type\":\"text\", \"text\":\"say \\\"hi\\\" \\u00e9\"} ],\n \"isError\": false }";
+    let app = axum::Router::new().route(
+        "/mcp",
+        post(|body: String| async move {
+            let v: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+            let id = v["id"].to_string();
+            let answer = match (v["method"].as_str(), v["params"]["name"].as_str()) {
+                (Some("initialize"), _) => json!({"jsonrpc":"2.0","id":v["id"],"result":{"protocolVersion":"2025-06-18","capabilities":{"tools":{}},"serverInfo":{"name":"plain","version":"1"}}}).to_string(),
+                // Another id than the one asked with, and spaced out.
+                (Some("tools/call"), Some("spaced")) => format!("\n{{\"result\": {SPACED}, \"id\": 4242 ,\"jsonrpc\":\"2.0\"}}\n"),
+                (Some("tools/call"), Some("extra")) => format!("{{\"jsonrpc\":\"2.0\",\"id\":{id},\"result\":{{\"a\":1}},\"x-extra\":true}}"),
+                (Some("tools/call"), Some("broken")) => format!("{{\"jsonrpc\":\"2.0\",\"id\":{id},\"result\":{{\"a\":"),
+                _ => return (http::StatusCode::ACCEPTED, [("content-type", "application/json")], String::new()),
+            };
+            (http::StatusCode::OK, [("content-type", "application/json")], answer)
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let (policy, keys) = policy(vec![http_backend("plain", &format!("http://{addr}/mcp"))]);
+    let proxy = start(config(), Some(policy)).await;
+    let c = client();
+    let sid = legacy_initialize(&c, &proxy.url(), &keys.admin, "2025-06-18").await;
+    let call = |id: &str, name: &str| json!({"jsonrpc":"2.0","id":id,"method":"tools/call","params":{"name":format!("plain__{name}"),"arguments":{}}});
+    let mut answers = Vec::new();
+    for (id, name) in [("c-1", "spaced"), ("c-2", "extra"), ("c-3", "broken")] {
+        let r = legacy_request(&c, &proxy.url(), &keys.admin, &sid, &call(id, name))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        answers.push(rpc_answer(r).await);
+    }
+    let spaced: Value = serde_json::from_str(SPACED).unwrap();
+    assert_eq!(
+        answers[0],
+        json!({"jsonrpc":"2.0","id":"c-1","result":spaced}),
+        "{}",
+        answers[0]
+    );
+    assert_eq!(
+        answers[1],
+        json!({"jsonrpc":"2.0","id":"c-2","result":{"a":1},"x-extra":true})
+    );
+    assert_eq!(
+        (
+            answers[2]["id"].clone(),
+            answers[2]["error"]["code"].clone()
+        ),
+        (json!("c-3"), json!(-32050)),
+        "{}",
+        answers[2]
+    );
+    // A 2026-07-28 client of this legacy upstream gets `resultType` added.
+    let r = modern_request(
+        &c,
+        &proxy.url(),
+        Some(&keys.admin),
+        &modern_body(
+            9,
+            "tools/call",
+            json!({"name": "plain__spaced", "arguments": {}}),
+        ),
+    )
+    .send()
+    .await
+    .unwrap();
+    let modern = rpc_answer(r).await;
+    assert_eq!(
+        (
+            modern["id"].clone(),
+            modern["result"]["resultType"].clone(),
+            modern["result"]["content"].clone()
+        ),
+        (json!(9), json!("complete"), spaced["content"].clone()),
+        "{modern}"
+    );
+    let mut events = proxy.sink.wait_for(4, Duration::from_secs(5)).await;
+    events.sort_by_key(|e| e.timestamp_us);
+    let by_tool = |t: &str| events.iter().filter(|e| e.tool == t).collect::<Vec<_>>();
+    let spaced_events = by_tool("spaced");
+    assert_eq!(spaced_events.len(), 2, "{events:?}");
+    // The pass-through records the upstream's own text.
+    assert_eq!(outcome(spaced_events[0]), Outcome::Ok);
+    assert_eq!(spaced_events[0].response, SPACED);
+    assert_eq!(outcome(spaced_events[1]), Outcome::Ok);
+    let extra = by_tool("extra");
+    assert_eq!(
+        (outcome(extra[0]), extra[0].response.as_str()),
+        (Outcome::Ok, r#"{"a":1}"#)
+    );
+    let broken = by_tool("broken");
+    assert_eq!(outcome(broken[0]), Outcome::UpstreamError, "{broken:?}");
+    assert_eq!(proxy.sink.attempts().len(), 4);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_leaving_mid_call_cancels_it_upstream_and_leaves_an_unknown_event() {
     use axum::body::Body;

@@ -130,17 +130,28 @@ impl CallAudit {
             self.verdict("forward", false, format!("upstream answered error {code}"));
             self.fill_error(Outcome::UpstreamError, http_status, code, msg);
         } else {
-            self.verdict("forward", true, "upstream answered");
-            self.ev.outcome = Outcome::Ok as i32;
-            self.ev.http_status = u32::from(http_status);
             let result = answer.get("result").map(json_text).unwrap_or_default();
-            let (bounded, _) = bound_text(&result, self.max_response);
-            self.ev.response = match scrub(&bounded) {
-                Cow::Borrowed(_) => bounded,
-                Cow::Owned(clean) => clean,
-            };
+            self.record_result(http_status, &result);
         }
         self.complete();
+    }
+
+    /// The upstream answered with a result, given as its JSON text (the
+    /// relay's pass-through of plain answers, which builds no tree of it).
+    pub fn finish_result(mut self, http_status: u16, result: &str) {
+        self.record_result(http_status, result);
+        self.complete();
+    }
+
+    fn record_result(&mut self, http_status: u16, result: &str) {
+        self.verdict("forward", true, "upstream answered");
+        self.ev.outcome = Outcome::Ok as i32;
+        self.ev.http_status = u32::from(http_status);
+        let (bounded, _) = bound_text(result, self.max_response);
+        self.ev.response = match scrub(&bounded) {
+            Cow::Borrowed(_) => bounded,
+            Cow::Owned(clean) => clean,
+        };
     }
 
     /// Forwarding failed (upstream down, slow, garbage).

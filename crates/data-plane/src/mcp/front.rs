@@ -30,6 +30,7 @@ use crate::mcp::jsonrpc::{
     self, BATCH_VERSION, Kind, LEGACY_VERSIONS, META_CLIENT_INFO, META_VERSION, MODERN_VERSION,
     error_body, result_body,
 };
+use crate::mcp::raw;
 use crate::mcp::session::{SessionState, audit_id};
 use crate::policy::watch::Backend;
 use crate::policy::{PolicyReader, Snapshot};
@@ -77,6 +78,9 @@ pub enum Answer {
         body: Value,
         headers: Vec<(HeaderName, HeaderValue)>,
     },
+    /// One JSON-RPC message already written out (status 200): a plain
+    /// result passed through (see [`crate::mcp::raw`]).
+    Raw(Bytes),
     /// Messages relayed as SSE events, one by one, as they come.
     Stream(BoxStream<'static, Value>),
     Accepted,
@@ -127,6 +131,14 @@ impl Answer {
                 }
                 r
             }
+            Answer::Raw(body) => {
+                let mut r = (StatusCode::OK, body).into_response();
+                r.headers_mut().insert(
+                    http::header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                );
+                r
+            }
             Answer::Stream(s) => sse_response(s),
             Answer::Accepted => StatusCode::ACCEPTED.into_response(),
         };
@@ -143,6 +155,7 @@ impl Answer {
     async fn into_message(self) -> Option<Value> {
         match self {
             Answer::Json { body, .. } => Some(body),
+            Answer::Raw(body) => serde_json::from_slice(&body).ok(),
             Answer::Accepted => None,
             Answer::Stream(s) => s.take(10_000).collect::<Vec<_>>().await.pop(),
         }
@@ -381,6 +394,7 @@ impl Call<'_> {
             match b.upstream.send(msg, Route::Stateless(&[])).await {
                 Ok(Reply::Stream(s)) => streams.push(s.filter_map(|m| async { m.ok() }).boxed()),
                 Ok(Reply::Json(v)) => single = Some(v),
+                Ok(Reply::Raw(b)) => single = crate::upstream::parse_message(&b).ok(),
                 Ok(Reply::Accepted) => {}
                 Err(e) => tracing::warn!(backend = %b.name, error = %e, "listen failed"),
             }
@@ -522,6 +536,30 @@ impl Relay {
 
     pub fn answer(mut self, reply: Reply) -> Answer {
         match reply {
+            Reply::Raw(body) => {
+                // The common answer: its result goes to the client and to
+                // the audit record as the upstream wrote it.
+                if !self.add_result_type
+                    && let Some(result) = raw::plain_result(&body)
+                {
+                    self.cancel = None;
+                    if let Some(a) = self.audit.take() {
+                        a.finish_result(200, result.get());
+                    }
+                    return Answer::Raw(raw::result_message(&self.id, result));
+                }
+                match crate::upstream::parse_message(&body) {
+                    Ok(v) => self.answer(Reply::Json(v)),
+                    Err(e) => {
+                        self.cancel = None;
+                        let err = ProxyError::Upstream(e);
+                        if let Some(a) = self.audit.take() {
+                            a.fail(&err);
+                        }
+                        Answer::error(self.id.clone(), err)
+                    }
+                }
+            }
             Reply::Json(mut v) if v.is_object() => {
                 // A JSON reply is the answer to this request, whatever id
                 // the upstream put on it (some answer errors with a null id).

@@ -237,6 +237,11 @@ async fn handle(
         Answer::Json { body, .. } => {
             let _ = tx.send(body).await;
         }
+        Answer::Raw(body) => {
+            if let Ok(v) = serde_json::from_slice(&body) {
+                let _ = tx.send(v).await;
+            }
+        }
         Answer::Stream(mut s) => {
             while let Some(m) = s.next().await {
                 if tx.send(m).await.is_err() {

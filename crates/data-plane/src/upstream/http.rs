@@ -375,12 +375,12 @@ impl HttpUpstream {
         if bytes.is_empty() {
             return Ok((Reply::Accepted, session_id));
         }
-        let v: Value = serde_json::from_slice(&bytes)
-            .map_err(|e| UpstreamError::Garbage(format!("invalid json: {e}")))?;
-        if !(v.is_object() || v.is_array()) {
-            return Err(UpstreamError::Garbage("not a JSON-RPC message".into()));
+        // One object is read by whoever takes the reply (the relay passes a
+        // plain result through unparsed); a batch is parsed here.
+        if bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{') {
+            return Ok((Reply::Raw(bytes), session_id));
         }
-        Ok((Reply::Json(v), session_id))
+        Ok((Reply::Json(super::parse_message(&bytes)?), session_id))
     }
 }
 

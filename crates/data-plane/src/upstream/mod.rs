@@ -28,6 +28,11 @@ pub type MessageStream = BoxStream<'static, Result<Value, UpstreamError>>;
 pub enum Reply {
     /// One JSON-RPC message (`application/json`).
     Json(Value),
+    /// One JSON-RPC object as the upstream sent it (`application/json`),
+    /// not parsed yet: a plain result passes through without a tree being
+    /// built of it (see [`crate::mcp::raw`]). Not checked to be JSON until
+    /// it is read.
+    Raw(Vec<u8>),
     /// Messages relayed one by one (`text/event-stream`); the response to
     /// the request is among them, usually last.
     Stream(MessageStream),
@@ -42,6 +47,7 @@ impl Reply {
         use futures::StreamExt;
         match self {
             Reply::Json(v) => Ok(v),
+            Reply::Raw(b) => parse_message(&b),
             Reply::Accepted => Err(UpstreamError::Garbage(
                 "202 where a response was due".into(),
             )),
@@ -68,6 +74,16 @@ impl Reply {
             }
         }
     }
+}
+
+/// One JSON-RPC message (or batch) from an upstream's body.
+pub fn parse_message(body: &[u8]) -> Result<Value, UpstreamError> {
+    let v: Value = serde_json::from_slice(body)
+        .map_err(|e| UpstreamError::Garbage(format!("invalid json: {e}")))?;
+    if !(v.is_object() || v.is_array()) {
+        return Err(UpstreamError::Garbage("not a JSON-RPC message".into()));
+    }
+    Ok(v)
 }
 
 /// How a message reaches an upstream.
