@@ -1467,6 +1467,8 @@ async fn prompts_and_resources_are_federated_and_routed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plain_upstream_answers_pass_through_unchanged() {
     use axum::routing::post;
+    // Members out of sorted order: a tree written out again would sort them.
+    const SSE_RESULT: &str = r#"{"isError":false,"content":[{"type":"text","text":"streamed"}]}"#;
     const SPACED: &str = "{ \"content\" : [ {\"type\":\"text\", \"text\":\"say \\\"hi\\\" \\u00e9\"} ],\n \"isError\": false }";
     let app = axum::Router::new().route(
         "/mcp",
@@ -1479,6 +1481,21 @@ async fn plain_upstream_answers_pass_through_unchanged() {
                 (Some("tools/call"), Some("spaced")) => format!("\n{{\"result\": {SPACED}, \"id\": 4242 ,\"jsonrpc\":\"2.0\"}}\n"),
                 (Some("tools/call"), Some("extra")) => format!("{{\"jsonrpc\":\"2.0\",\"id\":{id},\"result\":{{\"a\":1}},\"x-extra\":true}}"),
                 (Some("tools/call"), Some("broken")) => format!("{{\"jsonrpc\":\"2.0\",\"id\":{id},\"result\":{{\"a\":"),
+                // SSE: progress, then the plain answer on one line.
+                (Some("tools/call"), Some("sse")) => {
+                    let progress = json!({"jsonrpc":"2.0","method":"notifications/progress","params":{"progressToken":"p","progress":1}});
+                    let body = format!("event: message\ndata: {progress}\n\nevent: message\ndata: {{\"jsonrpc\":\"2.0\",\"id\":{id},\"result\":{SSE_RESULT}}}\n\n");
+                    return (http::StatusCode::OK, [("content-type", "text/event-stream")], body);
+                }
+                // SSE: the answer spread over several data lines.
+                (Some("tools/call"), Some("sse-lines")) => {
+                    let body = format!("event: message\ndata: {{\"jsonrpc\":\"2.0\",\ndata:  \"id\":{id},\ndata:  \"result\":{{\"b\":2}}}}\n\n");
+                    return (http::StatusCode::OK, [("content-type", "text/event-stream")], body);
+                }
+                (Some("tools/call"), Some("sse-broken")) => {
+                    let body = format!("event: message\ndata: {{\"jsonrpc\":\"2.0\",\"id\":{id},\"result\":\n\n");
+                    return (http::StatusCode::OK, [("content-type", "text/event-stream")], body);
+                }
                 _ => return (http::StatusCode::ACCEPTED, [("content-type", "application/json")], String::new()),
             };
             (http::StatusCode::OK, [("content-type", "application/json")], answer)
@@ -1493,7 +1510,14 @@ async fn plain_upstream_answers_pass_through_unchanged() {
     let sid = legacy_initialize(&c, &proxy.url(), &keys.admin, "2025-06-18").await;
     let call = |id: &str, name: &str| json!({"jsonrpc":"2.0","id":id,"method":"tools/call","params":{"name":format!("plain__{name}"),"arguments":{}}});
     let mut answers = Vec::new();
-    for (id, name) in [("c-1", "spaced"), ("c-2", "extra"), ("c-3", "broken")] {
+    for (id, name) in [
+        ("c-1", "spaced"),
+        ("c-2", "extra"),
+        ("c-3", "broken"),
+        ("c-4", "sse"),
+        ("c-5", "sse-lines"),
+        ("c-6", "sse-broken"),
+    ] {
         let r = legacy_request(&c, &proxy.url(), &keys.admin, &sid, &call(id, name))
             .send()
             .await
@@ -1521,6 +1545,21 @@ async fn plain_upstream_answers_pass_through_unchanged() {
         "{}",
         answers[2]
     );
+    let sse: Value = serde_json::from_str(SSE_RESULT).unwrap();
+    assert_eq!(answers[3], json!({"jsonrpc":"2.0","id":"c-4","result":sse}));
+    assert_eq!(
+        answers[4],
+        json!({"jsonrpc":"2.0","id":"c-5","result":{"b":2}})
+    );
+    assert_eq!(
+        (
+            answers[5]["id"].clone(),
+            answers[5]["error"]["code"].clone()
+        ),
+        (json!("c-6"), json!(-32050)),
+        "{}",
+        answers[5]
+    );
     // A 2026-07-28 client of this legacy upstream gets `resultType` added.
     let r = modern_request(
         &c,
@@ -1545,7 +1584,7 @@ async fn plain_upstream_answers_pass_through_unchanged() {
         (json!(9), json!("complete"), spaced["content"].clone()),
         "{modern}"
     );
-    let mut events = proxy.sink.wait_for(4, Duration::from_secs(5)).await;
+    let mut events = proxy.sink.wait_for(7, Duration::from_secs(5)).await;
     events.sort_by_key(|e| e.timestamp_us);
     let by_tool = |t: &str| events.iter().filter(|e| e.tool == t).collect::<Vec<_>>();
     let spaced_events = by_tool("spaced");
@@ -1561,7 +1600,18 @@ async fn plain_upstream_answers_pass_through_unchanged() {
     );
     let broken = by_tool("broken");
     assert_eq!(outcome(broken[0]), Outcome::UpstreamError, "{broken:?}");
-    assert_eq!(proxy.sink.attempts().len(), 4);
+    let streamed = by_tool("sse");
+    assert_eq!(
+        (outcome(streamed[0]), streamed[0].response.as_str()),
+        (Outcome::Ok, SSE_RESULT)
+    );
+    let lines = by_tool("sse-lines");
+    assert_eq!(
+        (outcome(lines[0]), lines[0].response.as_str()),
+        (Outcome::Ok, r#"{"b":2}"#)
+    );
+    assert_eq!(outcome(by_tool("sse-broken")[0]), Outcome::UpstreamError);
+    assert_eq!(proxy.sink.attempts().len(), 7);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

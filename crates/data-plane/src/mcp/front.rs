@@ -35,7 +35,7 @@ use crate::mcp::session::{SessionState, audit_id};
 use crate::policy::watch::Backend;
 use crate::policy::{PolicyReader, Snapshot};
 use crate::stack;
-use crate::upstream::{MessageStream, Reply, Route, UpstreamError};
+use crate::upstream::{Reply, Route, TextStream, UpstreamError};
 
 /// Shared by every request of one server (HTTP or stdio front).
 pub struct AppState {
@@ -81,8 +81,9 @@ pub enum Answer {
     /// One JSON-RPC message already written out (status 200): a plain
     /// result passed through (see [`crate::mcp::raw`]).
     Raw(Bytes),
-    /// Messages relayed as SSE events, one by one, as they come.
-    Stream(BoxStream<'static, Value>),
+    /// Messages relayed as SSE events, one by one, as they come, each
+    /// already written out as one line of JSON.
+    Stream(BoxStream<'static, Bytes>),
     Accepted,
 }
 
@@ -157,7 +158,12 @@ impl Answer {
             Answer::Json { body, .. } => Some(body),
             Answer::Raw(body) => serde_json::from_slice(&body).ok(),
             Answer::Accepted => None,
-            Answer::Stream(s) => s.take(10_000).collect::<Vec<_>>().await.pop(),
+            Answer::Stream(s) => s
+                .take(10_000)
+                .collect::<Vec<_>>()
+                .await
+                .pop()
+                .and_then(|b| serde_json::from_slice(&b).ok()),
         }
     }
 }
@@ -166,11 +172,11 @@ fn json_bytes(v: &Value) -> Bytes {
     Bytes::from(serde_json::to_vec(v).unwrap_or_default())
 }
 
-fn sse_response(s: BoxStream<'static, Value>) -> Response {
-    let body = Body::from_stream(s.map(|v| {
-        let mut out = Vec::with_capacity(64);
+fn sse_response(s: BoxStream<'static, Bytes>) -> Response {
+    let body = Body::from_stream(s.map(|json| {
+        let mut out = Vec::with_capacity(json.len() + 24);
         out.extend_from_slice(b"event: message\ndata: ");
-        out.extend_from_slice(&serde_json::to_vec(&v).unwrap_or_default());
+        out.extend_from_slice(&json);
         out.extend_from_slice(b"\n\n");
         Ok::<_, Infallible>(Bytes::from(out))
     }));
@@ -392,7 +398,13 @@ impl Call<'_> {
                 continue;
             }
             match b.upstream.send(msg, Route::Stateless(&[])).await {
-                Ok(Reply::Stream(s)) => streams.push(s.filter_map(|m| async { m.ok() }).boxed()),
+                Ok(Reply::Stream(s)) => streams.push(
+                    s.filter_map(|text| async move {
+                        let v: Value = serde_json::from_str(&text.ok()?).ok()?;
+                        Some(json_bytes(&v))
+                    })
+                    .boxed(),
+                ),
                 Ok(Reply::Json(v)) => single = Some(v),
                 Ok(Reply::Raw(b)) => single = crate::upstream::parse_message(&b).ok(),
                 Ok(Reply::Accepted) => {}
@@ -540,13 +552,13 @@ impl Relay {
                 // The common answer: its result goes to the client and to
                 // the audit record as the upstream wrote it.
                 if !self.add_result_type
-                    && let Some(result) = raw::plain_result(&body)
+                    && let Some(p) = raw::plain(&body)
                 {
                     self.cancel = None;
                     if let Some(a) = self.audit.take() {
-                        a.finish_result(200, result.get());
+                        a.finish_result(200, p.result.get());
                     }
-                    return Answer::Raw(raw::result_message(&self.id, result));
+                    return Answer::Raw(raw::result_message(&self.id, p.result));
                 }
                 match crate::upstream::parse_message(&body) {
                     Ok(v) => self.answer(Reply::Json(v)),
@@ -585,21 +597,47 @@ impl Relay {
         }
     }
 
-    fn stream(self, s: MessageStream) -> BoxStream<'static, Value> {
+    /// One message of an SSE reply, written out for the client: the
+    /// plain response to this request as the upstream wrote it, anything
+    /// else parsed and transformed.
+    fn relay_text(&mut self, text: String) -> Result<Bytes, UpstreamError> {
+        let passed = !self.add_result_type
+            && raw::fits_one_line(&text)
+            && match raw::plain(text.as_bytes()) {
+                Some(p) if p.id.is_some_and(|id| raw::same_id(id, &self.id)) => {
+                    self.cancel = None;
+                    if let Some(a) = self.audit.take() {
+                        a.finish_result(200, p.result.get());
+                    }
+                    true
+                }
+                _ => false,
+            };
+        if passed {
+            return Ok(Bytes::from(text));
+        }
+        let v: Value = serde_json::from_str(&text)
+            .map_err(|e| UpstreamError::Garbage(format!("invalid json in event: {e}")))?;
+        Ok(json_bytes(&self.transform(v)))
+    }
+
+    fn stream(self, s: TextStream) -> BoxStream<'static, Bytes> {
         futures::stream::unfold((s, Some(self)), |(mut s, relay)| async move {
             let mut relay = relay?;
-            match s.next().await {
-                Some(Ok(m)) => {
-                    let out = relay.transform(m);
-                    Some((out, (s, Some(relay))))
-                }
+            let item = match s.next().await {
+                None => None,
+                Some(Ok(text)) => Some(relay.relay_text(text)),
+                Some(Err(e)) => Some(Err(e)),
+            };
+            match item {
+                Some(Ok(out)) => Some((out, (s, Some(relay)))),
                 Some(Err(e)) => {
                     relay.cancel = None;
                     let err = ProxyError::Upstream(e);
                     let body = error_body(relay.id.clone(), err.code(), &err.client_message());
                     if let Some(a) = relay.audit.take() {
                         a.fail(&err);
-                        Some((body, (s, None)))
+                        Some((json_bytes(&body), (s, None)))
                     } else {
                         // The response already went by; nothing to add.
                         None
@@ -613,7 +651,7 @@ impl Relay {
                         ));
                         let body = error_body(relay.id.clone(), err.code(), &err.client_message());
                         a.fail(&err);
-                        return Some((body, (s, None)));
+                        return Some((json_bytes(&body), (s, None)));
                     }
                     None
                 }
@@ -1129,7 +1167,11 @@ async fn handle_get(st: &AppState, headers: &HeaderMap) -> Response {
     if streams.is_empty() {
         return StatusCode::METHOD_NOT_ALLOWED.into_response();
     }
-    sse_response(futures::stream::select_all(streams).boxed())
+    sse_response(
+        futures::stream::select_all(streams)
+            .map(|m| json_bytes(&m))
+            .boxed(),
+    )
 }
 
 /// DELETE: ends the upstream sessions.

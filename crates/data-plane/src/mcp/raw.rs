@@ -15,22 +15,33 @@ use serde::de::IgnoredAny;
 use serde_json::Value;
 use serde_json::value::RawValue;
 
+/// A plain response, borrowed from its text.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct Plain<'a> {
+pub struct Plain<'a> {
     #[serde(rename = "jsonrpc")]
     _jsonrpc: Option<IgnoredAny>,
-    #[serde(rename = "id")]
-    _id: Option<IgnoredAny>,
     #[serde(borrow)]
-    result: &'a RawValue,
+    pub id: Option<&'a RawValue>,
+    #[serde(borrow)]
+    pub result: &'a RawValue,
 }
 
-/// The result of `body` if it is a plain response (see the module docs).
-pub fn plain_result(body: &[u8]) -> Option<&RawValue> {
-    serde_json::from_slice::<Plain<'_>>(body)
-        .ok()
-        .map(|p| p.result)
+/// `body` as a plain response, if it is one (see the module docs).
+pub fn plain(body: &[u8]) -> Option<Plain<'_>> {
+    serde_json::from_slice::<Plain<'_>>(body).ok()
+}
+
+/// Whether a raw id is `want` (the comparison the general path makes on
+/// parsed messages).
+pub fn same_id(id: &RawValue, want: &Value) -> bool {
+    serde_json::from_str::<Value>(id.get()).is_ok_and(|v| &v == want)
+}
+
+/// Whether `text` can be one SSE `data:` line as it is (an event's data
+/// holds no line breaks; a message spread over lines is written out again).
+pub fn fits_one_line(text: &str) -> bool {
+    !text.contains(['\n', '\r'])
 }
 
 /// The response the client gets: its own `id`, the upstream's `result`
@@ -56,13 +67,13 @@ mod tests {
 
     #[test]
     fn plain_responses_pass_through_others_do_not() {
-        let plain =
+        let plain_ =
             br#"{"jsonrpc":"2.0","id":7,"result":{"content":[{"type":"text","text":"a\"b"}]}}"#;
-        let r = plain_result(plain).map(RawValue::get);
+        let r = plain(plain_).map(|p| p.result.get());
         assert_eq!(r, Some(r#"{"content":[{"type":"text","text":"a\"b"}]}"#));
         // Member order and whitespace do not matter; the text is kept.
         let spaced = b"{ \"result\" : [1, 2] , \"id\":\"x\", \"jsonrpc\":\"2.0\" }";
-        assert_eq!(plain_result(spaced).map(RawValue::get), Some("[1, 2]"));
+        assert_eq!(plain(spaced).map(|p| p.result.get()), Some("[1, 2]"));
         for other in [
             &br#"{"jsonrpc":"2.0","id":1,"error":{"code":1,"message":"m"}}"#[..],
             br#"{"jsonrpc":"2.0","id":1,"result":{},"error":{}}"#,
@@ -75,18 +86,34 @@ mod tests {
             br#"[{"jsonrpc":"2.0","id":1,"result":{}}]"#,
             b"",
         ] {
-            assert!(
-                plain_result(other).is_none(),
-                "{}",
-                String::from_utf8_lossy(other)
-            );
+            assert!(plain(other).is_none(), "{}", String::from_utf8_lossy(other));
         }
+    }
+
+    #[test]
+    fn ids_compare_as_values_and_line_breaks_are_seen() {
+        let p = plain(br#"{"jsonrpc":"2.0","id":"c-1","result":{}}"#).expect("plain");
+        let id = p.id.expect("id");
+        assert!(same_id(id, &json!("c-1")));
+        assert!(!same_id(id, &json!("c-2")));
+        assert!(!same_id(id, &json!(1)));
+        let n = plain(br#"{"id":7,"result":{}}"#).expect("plain");
+        assert!(same_id(n.id.expect("id"), &json!(7)));
+        assert!(
+            plain(br#"{"id":null,"result":{}}"#)
+                .expect("plain")
+                .id
+                .is_none()
+        );
+        assert!(fits_one_line(r#"{"a":"x\ny"}"#));
+        assert!(!fits_one_line("{\n\"a\":1}"));
+        assert!(!fits_one_line("{\r\"a\":1}"));
     }
 
     #[test]
     fn the_message_carries_the_clients_id() {
         let body = br#"{"jsonrpc":"2.0","id":"upstream-id","result":{"ok":true}}"#;
-        let result = plain_result(body).expect("plain");
+        let result = plain(body).expect("plain").result;
         for id in [json!(3), json!("c-1"), json!(null)] {
             let out = result_message(&id, result);
             let v: Value = serde_json::from_slice(&out).expect("valid json");

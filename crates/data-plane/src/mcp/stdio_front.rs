@@ -244,7 +244,10 @@ async fn handle(
         }
         Answer::Stream(mut s) => {
             while let Some(m) = s.next().await {
-                if tx.send(m).await.is_err() {
+                let Ok(v) = serde_json::from_slice::<Value>(&m) else {
+                    continue;
+                };
+                if tx.send(v).await.is_err() {
                     break;
                 }
             }

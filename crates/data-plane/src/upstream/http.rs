@@ -20,7 +20,7 @@ use serde_json::{Value, json};
 
 use sentinel_shared::proto;
 
-use super::{MessageStream, Reply, Route, UpstreamError};
+use super::{MessageStream, Reply, Route, TextStream, UpstreamError};
 use crate::mcp::jsonrpc::{MODERN_VERSION, name_param};
 use crate::mcp::session::UpstreamSession;
 
@@ -282,7 +282,7 @@ impl HttpUpstream {
         if !resp.status().is_success() || !is_sse(resp.headers()) {
             return None;
         }
-        Some(sse_messages(resp, None))
+        Some(sse_messages(resp))
     }
 
     /// DELETE of a legacy session; failures are only logged.
@@ -346,7 +346,7 @@ impl HttpUpstream {
             // no idle timeout for it.
             let idle = (msg.get("method").and_then(Value::as_str) != Some("subscriptions/listen"))
                 .then_some(self.timeout);
-            return Ok((Reply::Stream(sse_messages(resp, idle)), session_id));
+            return Ok((Reply::Stream(sse_texts(resp, idle)), session_id));
         }
         let bytes = tokio::time::timeout(self.timeout, read_bounded(resp))
             .await
@@ -407,10 +407,10 @@ async fn read_bounded(resp: reqwest::Response) -> Result<Vec<u8>, UpstreamError>
     Ok(out)
 }
 
-/// Parses an SSE body into JSON-RPC messages, event by event, as they
-/// arrive. With `idle`, a gap longer than that between events ends the
-/// stream with a timeout.
-fn sse_messages(resp: reqwest::Response, idle: Option<Duration>) -> MessageStream {
+/// The `data` of each event of an SSE body, as the events arrive (empty
+/// ones skipped). With `idle`, a gap longer than that between events ends
+/// the stream with a timeout.
+fn sse_texts(resp: reqwest::Response, idle: Option<Duration>) -> TextStream {
     let events = sse_stream::SseByteStream::new(resp.bytes_stream());
     let stream = futures::stream::unfold(
         (Box::pin(events), false),
@@ -431,21 +431,38 @@ fn sse_messages(resp: reqwest::Response, idle: Option<Duration>) -> MessageStrea
                     Some(Err(e)) => {
                         return Some((Err(UpstreamError::Connect(e.to_string())), (events, true)));
                     }
-                    Some(Ok(ev)) => {
-                        let Some(data) = ev.data.filter(|d| !d.trim().is_empty()) else {
-                            continue;
-                        };
-                        let item = serde_json::from_str::<Value>(&data).map_err(|e| {
-                            UpstreamError::Garbage(format!("invalid json in event: {e}"))
-                        });
-                        let failed = item.is_err();
-                        return Some((item, (events, failed)));
-                    }
+                    Some(Ok(ev)) => match ev.data {
+                        Some(data) if !data.trim().is_empty() => {
+                            return Some((Ok(data), (events, false)));
+                        }
+                        _ => continue,
+                    },
                 }
             }
         },
     );
     stream.boxed()
+}
+
+/// An SSE body parsed into JSON-RPC messages; an event that is not JSON
+/// ends the stream with an error.
+fn sse_messages(resp: reqwest::Response) -> MessageStream {
+    futures::stream::unfold(
+        (sse_texts(resp, None), false),
+        |(mut texts, done)| async move {
+            if done {
+                return None;
+            }
+            let item = match texts.next().await? {
+                Ok(text) => serde_json::from_str::<Value>(&text)
+                    .map_err(|e| UpstreamError::Garbage(format!("invalid json in event: {e}"))),
+                Err(e) => Err(e),
+            };
+            let failed = item.is_err();
+            Some((item, (texts, failed)))
+        },
+    )
+    .boxed()
 }
 
 /// Header values must be visible ASCII; anything else is sent in the

@@ -21,8 +21,13 @@ use sentinel_shared::proto;
 use crate::mcp::session::UpstreamSession;
 use crate::policy::watch::UpstreamEnv;
 
-/// A stream of JSON-RPC messages from an upstream (an SSE response).
+/// A stream of JSON-RPC messages from an upstream (a listen stream).
 pub type MessageStream = BoxStream<'static, Result<Value, UpstreamError>>;
+
+/// The messages of an SSE reply as their `data` text, parsed only where
+/// the relay needs to look inside one (see [`crate::mcp::raw`]). Not
+/// checked to be JSON until read.
+pub type TextStream = BoxStream<'static, Result<String, UpstreamError>>;
 
 /// An upstream's answer to one message.
 pub enum Reply {
@@ -35,7 +40,7 @@ pub enum Reply {
     Raw(Vec<u8>),
     /// Messages relayed one by one (`text/event-stream`); the response to
     /// the request is among them, usually last.
-    Stream(MessageStream),
+    Stream(TextStream),
     /// `202 Accepted`: nothing to relay.
     Accepted,
 }
@@ -59,7 +64,10 @@ impl Reply {
                         Err(_) => return Err(UpstreamError::Timeout),
                         Ok(None) => break,
                         Ok(Some(Err(e))) => return Err(e),
-                        Ok(Some(Ok(m))) => {
+                        Ok(Some(Ok(text))) => {
+                            let m: Value = serde_json::from_str(&text).map_err(|e| {
+                                UpstreamError::Garbage(format!("invalid json in event: {e}"))
+                            })?;
                             if m.get("id") == Some(id)
                                 && (m.get("result").is_some() || m.get("error").is_some())
                             {
