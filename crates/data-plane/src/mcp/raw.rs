@@ -85,6 +85,8 @@ mod tests {
             br#"{"jsonrpc":"2.0","id":1,"result":{}} trailing"#,
             br#"[{"jsonrpc":"2.0","id":1,"result":{}}]"#,
             b"",
+            // Not UTF-8 inside the result: refused, never a panic.
+            b"{\"jsonrpc\":\"2.0\",\"id\":1,\"result\":\"\xce\xf8\"}",
         ] {
             assert!(plain(other).is_none(), "{}", String::from_utf8_lossy(other));
         }
