@@ -318,7 +318,7 @@ type KidKeys = Vec<(Option<String>, DecodingKey)>;
 
 /// An issuer's JWKS: fetched on first use, cached, and fetched again when a
 /// token names a key id the cache does not hold (the issuer rotated), at
-/// most once per [`Jwks::MIN_REFRESH`] so unknown ids cannot make the proxy
+/// most once per `Jwks::MIN_REFRESH` so unknown ids cannot make the proxy
 /// hammer the issuer.
 pub struct Jwks {
     url: String,

@@ -4,7 +4,7 @@
 //! `result`, nothing else. The proxy changes only the id (the client's own),
 //! so building a tree of the result, and writing it out again twice (once
 //! for the client, once for the audit record), is wasted work on the hot
-//! path. [`plain_result`] checks the envelope and borrows the result's text
+//! path. [`plain`] checks the envelope and borrows the result's text
 //! (serde_json still checks that it is valid JSON); anything else, an error,
 //! a request, a member JSON-RPC does not define, a repeated member, takes
 //! the general path, which parses the whole message.
