@@ -342,20 +342,14 @@ async fn federation_prefixes_and_filters_per_role() {
     let reader = list(keys.reader.clone()).await;
     assert_eq!(reader, vec!["everything__echo", "py__add", "py__echo"]);
     // Calls are routed by prefix to the right upstream.
-    let r = modern_request(
+    let v = modern_tool_call(
         &c,
         &proxy.url(),
-        Some(&keys.admin),
-        &modern_body(
-            2,
-            "tools/call",
-            json!({"name":"everything__get-sum","arguments":{"a":1,"b":2}}),
-        ),
+        &keys.admin,
+        2,
+        json!({"name":"everything__get-sum","arguments":{"a":1,"b":2}}),
     )
-    .send()
-    .await
-    .unwrap();
-    let v = rpc_answer(r).await;
+    .await;
     assert!(v["result"].to_string().contains('3'), "{v}");
     assert_eq!(
         v["result"]["resultType"], "complete",
@@ -726,37 +720,25 @@ async fn stdio_upstream_declared_in_local_config() {
     let (policy, keys) = policy(vec![backend, unknown]);
     let proxy = start(cfg, Some(policy)).await;
     let c = client();
-    let r = modern_request(
+    let v = modern_tool_call(
         &c,
         &proxy.url(),
-        Some(&keys.admin),
-        &modern_body(
-            1,
-            "tools/call",
-            json!({"name":"local__echo","arguments":{"message":"over stdio"}}),
-        ),
+        &keys.admin,
+        1,
+        json!({"name":"local__echo","arguments":{"message":"over stdio"}}),
     )
-    .send()
-    .await
-    .unwrap();
-    let v = rpc_answer(r).await;
+    .await;
     assert!(v["result"].to_string().contains("over stdio"), "{v}");
     assert_eq!(v["id"], 1);
     // A command the proxy's config does not declare never runs.
-    let r = modern_request(
+    let v = modern_tool_call(
         &c,
         &proxy.url(),
-        Some(&keys.admin),
-        &modern_body(
-            2,
-            "tools/call",
-            json!({"name":"ghost__echo","arguments":{}}),
-        ),
+        &keys.admin,
+        2,
+        json!({"name":"ghost__echo","arguments":{}}),
     )
-    .send()
-    .await
-    .unwrap();
-    let v = rpc_answer(r).await;
+    .await;
     assert_eq!(v["error"]["code"], -32050, "{v}");
 }
 
@@ -1291,9 +1273,7 @@ async fn slow_and_garbage_upstreams_are_upstream_errors() {
                 (http::StatusCode::OK, answer.to_string())
             }),
         );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    let addr = serve(app).await;
     let mut slow = http_backend("slow", &format!("http://{addr}/slow"));
     slow.timeout_ms = 300;
     let garbage = http_backend("garbage", &format!("http://{addr}/garbage"));
@@ -1501,9 +1481,7 @@ async fn plain_upstream_answers_pass_through_unchanged() {
             (http::StatusCode::OK, [("content-type", "application/json")], answer)
         }),
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    let addr = serve(app).await;
     let (policy, keys) = policy(vec![http_backend("plain", &format!("http://{addr}/mcp"))]);
     let proxy = start(config(), Some(policy)).await;
     let c = client();
@@ -1561,20 +1539,14 @@ async fn plain_upstream_answers_pass_through_unchanged() {
         answers[5]
     );
     // A 2026-07-28 client of this legacy upstream gets `resultType` added.
-    let r = modern_request(
+    let modern = modern_tool_call(
         &c,
         &proxy.url(),
-        Some(&keys.admin),
-        &modern_body(
-            9,
-            "tools/call",
-            json!({"name": "plain__spaced", "arguments": {}}),
-        ),
+        &keys.admin,
+        9,
+        json!({"name": "plain__spaced", "arguments": {}}),
     )
-    .send()
-    .await
-    .unwrap();
-    let modern = rpc_answer(r).await;
+    .await;
     assert_eq!(
         (
             modern["id"].clone(),
@@ -1649,9 +1621,7 @@ async fn a_client_leaving_mid_call_cancels_it_upstream_and_leaves_an_unknown_eve
             }
         }),
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    let addr = serve(app).await;
     let mut backend = http_backend("hang", &format!("http://{addr}/mcp"));
     backend.timeout_ms = 60_000;
     let (policy, keys) = policy(vec![backend]);

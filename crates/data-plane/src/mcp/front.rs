@@ -562,14 +562,7 @@ impl Relay {
                 }
                 match crate::upstream::parse_message(&body) {
                     Ok(v) => self.answer(Reply::Json(v)),
-                    Err(e) => {
-                        self.cancel = None;
-                        let err = ProxyError::Upstream(e);
-                        if let Some(a) = self.audit.take() {
-                            a.fail(&err);
-                        }
-                        Answer::error(self.id.clone(), err)
-                    }
+                    Err(e) => self.failed(e),
                 }
             }
             Reply::Json(mut v) if v.is_object() => {
@@ -584,17 +577,21 @@ impl Relay {
                 Answer::ok(self.transform(v))
             }
             Reply::Json(_) | Reply::Accepted => {
-                self.cancel = None;
-                let err = ProxyError::Upstream(UpstreamError::Garbage(
-                    "no response to the request".into(),
-                ));
-                if let Some(a) = self.audit.take() {
-                    a.fail(&err);
-                }
-                Answer::error(self.id.clone(), err)
+                self.failed(UpstreamError::Garbage("no response to the request".into()))
             }
             Reply::Stream(s) => Answer::Stream(self.stream(s)),
         }
+    }
+
+    /// The upstream's reply is no answer: the call fails as an upstream
+    /// error, to the client and in the audit record.
+    fn failed(mut self, e: UpstreamError) -> Answer {
+        self.cancel = None;
+        let err = ProxyError::Upstream(e);
+        if let Some(a) = self.audit.take() {
+            a.fail(&err);
+        }
+        Answer::error(self.id.clone(), err)
     }
 
     /// One message of an SSE reply, written out for the client: the
@@ -616,8 +613,7 @@ impl Relay {
         if passed {
             return Ok(Bytes::from(text));
         }
-        let v: Value = serde_json::from_str(&text)
-            .map_err(|e| UpstreamError::Garbage(format!("invalid json in event: {e}")))?;
+        let v = crate::upstream::parse_event(&text)?;
         Ok(json_bytes(&self.transform(v)))
     }
 

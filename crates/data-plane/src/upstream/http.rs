@@ -453,11 +453,10 @@ fn sse_messages(resp: reqwest::Response) -> MessageStream {
             if done {
                 return None;
             }
-            let item = match texts.next().await? {
-                Ok(text) => serde_json::from_str::<Value>(&text)
-                    .map_err(|e| UpstreamError::Garbage(format!("invalid json in event: {e}"))),
-                Err(e) => Err(e),
-            };
+            let item = texts
+                .next()
+                .await?
+                .and_then(|text| super::parse_event(&text));
             let failed = item.is_err();
             Some((item, (texts, failed)))
         },

@@ -65,9 +65,7 @@ impl Reply {
                         Ok(None) => break,
                         Ok(Some(Err(e))) => return Err(e),
                         Ok(Some(Ok(text))) => {
-                            let m: Value = serde_json::from_str(&text).map_err(|e| {
-                                UpstreamError::Garbage(format!("invalid json in event: {e}"))
-                            })?;
+                            let m = parse_event(&text)?;
                             if m.get("id") == Some(id)
                                 && (m.get("result").is_some() || m.get("error").is_some())
                             {
@@ -92,6 +90,12 @@ pub fn parse_message(body: &[u8]) -> Result<Value, UpstreamError> {
         return Err(UpstreamError::Garbage("not a JSON-RPC message".into()));
     }
     Ok(v)
+}
+
+/// One JSON-RPC message from the `data` of an SSE event.
+pub fn parse_event(text: &str) -> Result<Value, UpstreamError> {
+    serde_json::from_str(text)
+        .map_err(|e| UpstreamError::Garbage(format!("invalid json in event: {e}")))
 }
 
 /// How a message reaches an upstream.

@@ -200,6 +200,32 @@ pub fn modern_request(
     r.body(body.to_string())
 }
 
+/// A 2026-07-28 `tools/call` with `key`; the JSON-RPC response to it.
+pub async fn modern_tool_call(
+    c: &reqwest::Client,
+    url: &str,
+    key: &str,
+    id: u64,
+    params: Value,
+) -> Value {
+    let body = modern_body(id, "tools/call", params);
+    let r = modern_request(c, url, Some(key), &body)
+        .send()
+        .await
+        .expect("tools/call sent");
+    rpc_answer(r).await
+}
+
+/// Serves `app` on an ephemeral 127.0.0.1 port for the rest of the test.
+pub async fn serve(app: axum::Router) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind 127.0.0.1");
+    let addr = listener.local_addr().expect("local addr");
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    addr
+}
+
 /// Reads a JSON or SSE answer and returns the JSON-RPC response in it.
 pub async fn rpc_answer(resp: reqwest::Response) -> Value {
     let sse = resp
