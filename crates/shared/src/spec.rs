@@ -323,8 +323,16 @@ pub fn validate_http_url(url: &str) -> Result<(), String> {
         Some("http") | Some("https") => {}
         _ => return Err("must be an http:// or https:// URL".into()),
     }
-    if uri.authority().is_none() {
-        return Err("must name a host".into());
+    match uri.authority() {
+        None => return Err("must name a host".into()),
+        // Credentials in a URL end up in logs and are not sent by the
+        // proxy: an upstream's credential belongs in the backend's headers.
+        Some(a) if a.as_str().contains('@') => {
+            return Err(
+                "must not carry credentials (user:password@); set them in 'headers'".into(),
+            );
+        }
+        Some(_) => {}
     }
     Ok(())
 }
@@ -1178,6 +1186,23 @@ mod tests {
         spec.validate().unwrap();
         let back = PolicySpec::try_from(proto::PolicySpec::from(&spec)).unwrap();
         assert_eq!(back, spec);
+    }
+
+    #[test]
+    fn backend_urls_must_be_http_with_a_host_and_no_credentials() {
+        for good in ["http://127.0.0.1:9000/mcp", "https://tools.example/mcp"] {
+            assert_eq!(validate_http_url(good), Ok(()), "{good}");
+        }
+        for bad in [
+            "ftp://x",
+            "/mcp",
+            "http://user:secret@tools.example/mcp",
+            "https://token@tools.example/",
+        ] {
+            assert!(validate_http_url(bad).is_err(), "{bad}");
+        }
+        let m = validate_http_url("http://user:secret@tools.example/mcp").unwrap_err();
+        assert!(!m.contains("secret"), "{m}");
     }
 
     #[test]

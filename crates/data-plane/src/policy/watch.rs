@@ -112,7 +112,10 @@ pub struct PolicyPublisher {
 pub struct UpstreamEnv {
     pub stdio: std::collections::BTreeMap<String, crate::config::StdioCommand>,
     pub default_timeout: Duration,
+    /// For JWT issuers' key sets.
     pub http: reqwest::Client,
+    /// Shared by every HTTP upstream.
+    pub upstream: crate::upstream::http::UpstreamClient,
 }
 
 impl UpstreamEnv {
@@ -121,6 +124,7 @@ impl UpstreamEnv {
             stdio: cfg.stdio.clone(),
             default_timeout: Duration::from_millis(cfg.upstream_timeout_ms),
             http: crate::upstream::http::client(),
+            upstream: crate::upstream::http::UpstreamClient::new(),
         }
     }
 }

@@ -1,21 +1,29 @@
 //! A Streamable HTTP upstream.
 //!
-//! Connections are pooled by one shared `reqwest::Client`. The upstream's
-//! era is learned once with a `server/discover` probe: a 2026-07-28 upstream
-//! gets stateless requests as they are; a legacy one gets them inside a
-//! service session the proxy opens for itself (any replica can open its
-//! own, so this is not state another replica would miss).
+//! Connections are pooled by one shared [`UpstreamClient`] (hyper's pooled
+//! client, no layers above it). The upstream's era is learned once with a
+//! `server/discover` probe: a 2026-07-28 upstream gets stateless requests
+//! as they are; a legacy one gets them inside a service session the proxy
+//! opens for itself (any replica can open its own, so this is not state
+//! another replica would miss).
 //!
 //! Only the policy's headers and the MCP transport headers are sent: the
 //! client's own credentials and hop-by-hop headers never reach an upstream,
-//! and `Host` is the upstream's own (reqwest derives it from the URL).
+//! and `Host` is the upstream's own (hyper derives it from the URL).
 
-use std::sync::RwLock;
 use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use bytes::Bytes;
 use futures::StreamExt;
-use reqwest::header::{ACCEPT, CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
+use http::header::{ACCEPT, CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use serde_json::{Value, json};
 
 use sentinel_shared::proto;
@@ -33,12 +41,95 @@ const ERA_UNKNOWN: u8 = 0;
 const ERA_LEGACY: u8 = 1;
 const ERA_MODERN: u8 = 2;
 
-/// The shared HTTP client: pooled, HTTP/1.1 and HTTP/2, no system proxy
-/// (upstreams are reached directly), no redirects: the policy names where
-/// a backend is, and an upstream answering 3xx must not steer calls (and
-/// the policy's upstream headers) somewhere else. A 3xx is an upstream
-/// error like any other non-2xx status. (It also spares a URL re-parse per
-/// request in the redirect layer.)
+const MCP_PROTOCOL_VERSION: HeaderName = HeaderName::from_static("mcp-protocol-version");
+const MCP_SESSION_ID: HeaderName = HeaderName::from_static("mcp-session-id");
+const MCP_METHOD: HeaderName = HeaderName::from_static("mcp-method");
+const MCP_NAME: HeaderName = HeaderName::from_static("mcp-name");
+
+/// The pooled client every HTTP upstream shares: HTTP/1.1, and HTTP/2 where
+/// TLS negotiates it (ALPN); no system proxy (upstreams are reached
+/// directly); no redirects: the policy names where a backend is, and an
+/// upstream answering 3xx must not steer calls (and the policy's upstream
+/// headers) somewhere else, so a 3xx is an upstream error like any other
+/// non-2xx status. TLS certificates are checked by the platform verifier
+/// (the system's trust store), as for the proxy's other HTTPS clients.
+///
+/// This is hyper's client without reqwest's layers over it: on the hot
+/// path those cost a URL parse and a few allocations per call.
+#[derive(Clone)]
+pub struct UpstreamClient(Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>);
+
+impl UpstreamClient {
+    pub fn new() -> Self {
+        let mut tcp = HttpConnector::new();
+        tcp.enforce_http(false);
+        tcp.set_nodelay(true);
+        tcp.set_connect_timeout(Some(Duration::from_secs(5)));
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls_config())
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(tcp);
+        Self(
+            Client::builder(TokioExecutor::new())
+                .pool_idle_timeout(Duration::from_secs(90))
+                .pool_max_idle_per_host(64)
+                .pool_timer(TokioTimer::new())
+                .build(connector),
+        )
+    }
+
+    async fn send(&self, req: Request<Full<Bytes>>) -> Result<Response<Incoming>, UpstreamError> {
+        self.0
+            .request(req)
+            .await
+            .map_err(|e| UpstreamError::Connect(error_chain(&e)))
+    }
+}
+
+impl Default for UpstreamClient {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// TLS toward upstreams: ring, TLS 1.2 and 1.3, the platform verifier. If
+/// the platform has no usable verifier the proxy still starts and serves
+/// plain-HTTP upstreams, but trusts no certificate (fails closed).
+fn tls_config() -> rustls::ClientConfig {
+    use rustls_platform_verifier::BuilderVerifierExt;
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("ring offers the default TLS versions");
+    match builder.clone().with_platform_verifier() {
+        Ok(b) => b.with_no_client_auth(),
+        Err(e) => {
+            tracing::error!(error = %e, "no platform certificate verifier: https upstreams will be refused");
+            builder
+                .with_root_certificates(rustls::RootCertStore::empty())
+                .with_no_client_auth()
+        }
+    }
+}
+
+/// An error with its causes (hyper's own message is terse: "client error
+/// (Connect)").
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cause = c.source();
+    }
+    out
+}
+
+/// The HTTP client for the proxy's own fetches off the call path (JWT
+/// issuers' key sets): reqwest, no system proxy, no redirects.
 pub fn client() -> reqwest::Client {
     // reqwest is built without a default crypto provider; install ring's
     // once (a second install is refused harmlessly).
@@ -47,7 +138,6 @@ pub fn client() -> reqwest::Client {
         .no_proxy()
         .redirect(reqwest::redirect::Policy::none())
         .pool_idle_timeout(Duration::from_secs(90))
-        .pool_max_idle_per_host(64)
         .tcp_nodelay(true)
         .connect_timeout(Duration::from_secs(5))
         .build()
@@ -59,10 +149,12 @@ pub fn client() -> reqwest::Client {
 
 pub struct HttpUpstream {
     name: String,
-    url: reqwest::Url,
+    uri: Uri,
     /// Headers from policy (the upstream's own credential, etc.).
     headers: HeaderMap,
-    client: reqwest::Client,
+    /// The same with `Content-Type` and `Accept` of a POST.
+    post_headers: HeaderMap,
+    client: UpstreamClient,
     timeout: Duration,
     era: AtomicU8,
     /// The proxy's own legacy session, for stateless clients.
@@ -74,10 +166,11 @@ impl HttpUpstream {
     pub fn new(
         name: &str,
         def: &proto::HttpBackend,
-        client: reqwest::Client,
+        client: UpstreamClient,
         timeout: Duration,
     ) -> Result<Self, String> {
-        let url = reqwest::Url::parse(&def.url).map_err(|e| format!("url: {e}"))?;
+        sentinel_shared::spec::validate_http_url(&def.url).map_err(|e| format!("url: {e}"))?;
+        let uri: Uri = def.url.parse().map_err(|e| format!("url: {e}"))?;
         let mut headers = HeaderMap::new();
         for h in &def.headers {
             let n = HeaderName::from_bytes(h.name.as_bytes())
@@ -86,16 +179,32 @@ impl HttpUpstream {
                 .map_err(|_| format!("header value of '{}'", h.name))?;
             headers.insert(n, v);
         }
+        let mut post_headers = headers.clone();
+        post_headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        post_headers.insert(
+            ACCEPT,
+            HeaderValue::from_static("application/json, text/event-stream"),
+        );
         Ok(Self {
             name: name.to_string(),
-            url,
+            uri,
             headers,
+            post_headers,
             client,
             timeout,
             era: AtomicU8::new(ERA_UNKNOWN),
             service: RwLock::new(None),
             service_init: tokio::sync::Mutex::new(()),
         })
+    }
+
+    /// A request to the upstream's URL with these headers and this body.
+    fn request(&self, method: Method, headers: HeaderMap, body: Bytes) -> Request<Full<Bytes>> {
+        let mut req = Request::new(Full::new(body));
+        *req.method_mut() = method;
+        *req.uri_mut() = self.uri.clone();
+        *req.headers_mut() = headers;
+        req
     }
 
     pub fn name(&self) -> &str {
@@ -266,16 +375,17 @@ impl HttpUpstream {
 
     /// The GET listen stream of a legacy session.
     pub async fn listen(&self, s: &UpstreamSession) -> Option<MessageStream> {
-        let mut req = self
-            .client
-            .get(self.url.clone())
-            .headers(self.headers.clone())
-            .header(ACCEPT, "text/event-stream")
-            .header("mcp-protocol-version", &s.protocol_version);
+        let mut headers = self.headers.clone();
+        headers.insert(ACCEPT, HeaderValue::from_static("text/event-stream"));
+        headers.insert(
+            MCP_PROTOCOL_VERSION,
+            header_value(&s.protocol_version).ok()?,
+        );
         if let Some(id) = &s.session_id {
-            req = req.header("mcp-session-id", id);
+            headers.insert(MCP_SESSION_ID, header_value(id).ok()?);
         }
-        let resp = tokio::time::timeout(self.timeout, req.send())
+        let req = self.request(Method::GET, headers, Bytes::new());
+        let resp = tokio::time::timeout(self.timeout, self.client.send(req))
             .await
             .ok()?
             .ok()?;
@@ -288,14 +398,19 @@ impl HttpUpstream {
     /// DELETE of a legacy session; failures are only logged.
     pub async fn end(&self, s: &UpstreamSession) {
         let Some(id) = &s.session_id else { return };
-        let req = self
-            .client
-            .delete(self.url.clone())
-            .headers(self.headers.clone())
-            .header("mcp-session-id", id)
-            .header("mcp-protocol-version", &s.protocol_version);
-        if let Err(e) = tokio::time::timeout(self.timeout, req.send()).await {
-            tracing::debug!(backend = %self.name, error = %e, "session delete timed out");
+        let mut headers = self.headers.clone();
+        let (Ok(id), Ok(version)) = (header_value(id), header_value(&s.protocol_version)) else {
+            return;
+        };
+        headers.insert(MCP_SESSION_ID, id);
+        headers.insert(MCP_PROTOCOL_VERSION, version);
+        let req = self.request(Method::DELETE, headers, Bytes::new());
+        match tokio::time::timeout(self.timeout, self.client.send(req)).await {
+            Err(_) => tracing::debug!(backend = %self.name, "session delete timed out"),
+            Ok(Err(e)) => {
+                tracing::debug!(backend = %self.name, error = %e, "session delete failed")
+            }
+            Ok(Ok(_)) => {}
         }
     }
 
@@ -309,36 +424,31 @@ impl HttpUpstream {
         extra: &[(HeaderName, HeaderValue)],
     ) -> Result<(Reply, Option<String>), UpstreamError> {
         let body = serde_json::to_vec(msg).map_err(|e| UpstreamError::Garbage(e.to_string()))?;
-        let mut req = self
-            .client
-            .post(self.url.clone())
-            .headers(self.headers.clone())
-            .header(CONTENT_TYPE, "application/json")
-            .header(ACCEPT, "application/json, text/event-stream")
-            .header("mcp-protocol-version", version);
+        let mut headers = self.post_headers.clone();
+        headers.insert(MCP_PROTOCOL_VERSION, header_value(version)?);
         if let Some(s) = session {
-            req = req.header("mcp-session-id", s);
+            headers.insert(MCP_SESSION_ID, header_value(s)?);
         }
         if modern && let Some(method) = msg.get("method").and_then(Value::as_str) {
-            req = req.header("mcp-method", method);
+            headers.insert(MCP_METHOD, header_value(method)?);
             if let Some(name) = name_param(method, msg) {
-                req = req.header("mcp-name", encode_header_value(name));
+                headers.insert(MCP_NAME, header_value(&encode_header_value(name))?);
             }
             for (k, v) in extra {
-                req = req.header(k, v);
+                headers.append(k.clone(), v.clone());
             }
         }
-        let resp = tokio::time::timeout(self.timeout, req.body(body).send())
+        let req = self.request(Method::POST, headers, Bytes::from(body));
+        let resp = tokio::time::timeout(self.timeout, self.client.send(req))
             .await
-            .map_err(|_| UpstreamError::Timeout)?
-            .map_err(|e| UpstreamError::Connect(e.to_string()))?;
+            .map_err(|_| UpstreamError::Timeout)??;
         let status = resp.status();
         let session_id = resp
             .headers()
-            .get("mcp-session-id")
+            .get(MCP_SESSION_ID)
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
-        if status == reqwest::StatusCode::ACCEPTED {
+        if status == StatusCode::ACCEPTED {
             return Ok((Reply::Accepted, session_id));
         }
         if status.is_success() && is_sse(resp.headers()) {
@@ -353,8 +463,8 @@ impl HttpUpstream {
             .map_err(|_| UpstreamError::Timeout)??;
         if !status.is_success() {
             if session.is_some()
-                && (status == reqwest::StatusCode::NOT_FOUND
-                    || (status == reqwest::StatusCode::BAD_REQUEST
+                && (status == StatusCode::NOT_FOUND
+                    || (status == StatusCode::BAD_REQUEST
                         && String::from_utf8_lossy(&bytes)
                             .to_ascii_lowercase()
                             .contains("session")))
@@ -394,11 +504,22 @@ fn is_sse(h: &HeaderMap) -> bool {
         .is_some_and(|v| v.starts_with("text/event-stream"))
 }
 
-async fn read_bounded(resp: reqwest::Response) -> Result<Vec<u8>, UpstreamError> {
-    let mut out = Vec::new();
-    let mut s = resp.bytes_stream();
-    while let Some(chunk) = s.next().await {
-        let chunk = chunk.map_err(|e| UpstreamError::Connect(e.to_string()))?;
+/// A header value from text the proxy forwards (a session id, a version,
+/// a method name): one that is not a valid header value is refused here
+/// rather than sent.
+fn header_value(v: &str) -> Result<HeaderValue, UpstreamError> {
+    HeaderValue::from_str(v).map_err(|_| UpstreamError::Connect("invalid header value".into()))
+}
+
+async fn read_bounded(resp: Response<Incoming>) -> Result<Vec<u8>, UpstreamError> {
+    let mut body = resp.into_body();
+    let hint = http_body::Body::size_hint(&body).lower() as usize;
+    let mut out = Vec::with_capacity(hint.min(MAX_ANSWER_BYTES));
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| UpstreamError::Connect(error_chain(&e)))?;
+        let Ok(chunk) = frame.into_data() else {
+            continue; // trailers
+        };
         if out.len() + chunk.len() > MAX_ANSWER_BYTES {
             return Err(UpstreamError::Garbage("answer too large".into()));
         }
@@ -410,8 +531,8 @@ async fn read_bounded(resp: reqwest::Response) -> Result<Vec<u8>, UpstreamError>
 /// The `data` of each event of an SSE body, as the events arrive (empty
 /// ones skipped). With `idle`, a gap longer than that between events ends
 /// the stream with a timeout.
-fn sse_texts(resp: reqwest::Response, idle: Option<Duration>) -> TextStream {
-    let events = sse_stream::SseByteStream::new(resp.bytes_stream());
+fn sse_texts(resp: Response<Incoming>, idle: Option<Duration>) -> TextStream {
+    let events = sse_stream::SseStream::new(resp.into_body());
     let stream = futures::stream::unfold(
         (Box::pin(events), false),
         move |(mut events, done)| async move {
@@ -446,7 +567,7 @@ fn sse_texts(resp: reqwest::Response, idle: Option<Duration>) -> TextStream {
 
 /// An SSE body parsed into JSON-RPC messages; an event that is not JSON
 /// ends the stream with an error.
-fn sse_messages(resp: reqwest::Response) -> MessageStream {
+fn sse_messages(resp: Response<Incoming>) -> MessageStream {
     futures::stream::unfold(
         (sse_texts(resp, None), false),
         |(mut texts, done)| async move {
@@ -475,5 +596,61 @@ pub fn encode_header_value(v: &str) -> String {
             "=?base64?{}?=",
             base64::engine::general_purpose::STANDARD.encode(v)
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An HTTPS upstream whose certificate chains to nothing the platform
+    /// trusts is refused in the handshake: nothing is sent to it.
+    #[tokio::test]
+    async fn an_untrusted_upstream_certificate_is_refused() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let ck = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
+        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(ck.signing_key.serialize_der().into());
+        let cfg = rustls::ServerConfig::builder()
+            .with_no_client_auth()
+            .with_single_cert(vec![ck.cert.der().clone()], key)
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            acceptor.accept(tcp).await.is_ok()
+        });
+        let def = proto::HttpBackend {
+            url: format!("https://{addr}/mcp"),
+            ..Default::default()
+        };
+        let up =
+            HttpUpstream::new("tls", &def, UpstreamClient::new(), Duration::from_secs(5)).unwrap();
+        let ping = json!({"jsonrpc": "2.0", "id": 1, "method": "ping"});
+        match up.post(&ping, None, SERVICE_VERSION, false, &[]).await {
+            Err(UpstreamError::Connect(m)) => {
+                assert!(m.to_lowercase().contains("certificate"), "{m}")
+            }
+            Err(e) => panic!("expected a certificate error, got {e}"),
+            Ok(_) => panic!("an untrusted certificate was accepted"),
+        }
+        assert!(!server.await.unwrap(), "the handshake completed");
+    }
+
+    /// A backend URL that is not http(s) or carries no host is refused when
+    /// the upstream is built, naming the field.
+    #[test]
+    fn backend_urls_are_checked() {
+        for bad in ["ftp://x/mcp", "/mcp", "http://", "not a url"] {
+            let def = proto::HttpBackend {
+                url: bad.to_string(),
+                ..Default::default()
+            };
+            match HttpUpstream::new("b", &def, UpstreamClient::new(), Duration::from_secs(1)) {
+                Err(e) => assert!(e.starts_with("url: "), "{bad}: {e}"),
+                Ok(_) => panic!("{bad} accepted"),
+            }
+        }
     }
 }

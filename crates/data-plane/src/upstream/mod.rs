@@ -145,7 +145,7 @@ impl UpstreamError {
 
 /// One upstream, built from a policy backend and the local config.
 pub enum Upstream {
-    Http(http::HttpUpstream),
+    Http(Box<http::HttpUpstream>),
     Stdio(stdio::StdioUpstream),
     /// Configured in policy but impossible here (e.g. a stdio command this
     /// proxy does not declare): every call fails as an upstream error.
@@ -159,8 +159,8 @@ impl Upstream {
     pub fn build(def: &proto::Backend, env: &UpstreamEnv, timeout: Duration) -> Self {
         match &def.transport {
             Some(proto::backend::Transport::Http(h)) => {
-                match http::HttpUpstream::new(&def.name, h, env.http.clone(), timeout) {
-                    Ok(u) => Upstream::Http(u),
+                match http::HttpUpstream::new(&def.name, h, env.upstream.clone(), timeout) {
+                    Ok(u) => Upstream::Http(Box::new(u)),
                     Err(reason) => Upstream::Unavailable {
                         name: def.name.clone(),
                         reason,
