@@ -119,7 +119,8 @@ impl Parts {
 }
 
 fn parts(config: &Config) -> Result<Parts, BootError> {
-    // Both TLS clients (reqwest, tonic) need a process-wide provider.
+    // tonic's TLS client needs a process-wide provider (the upstream
+    // client names its own).
     let _ = rustls::crypto::ring::default_provider().install_default();
     let (publisher, reader) = policy_channel(config);
     if let Some(path) = &config.policy_file {

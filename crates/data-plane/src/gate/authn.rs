@@ -15,6 +15,7 @@ use sentinel_shared::spec::JwtIssuerSpec;
 use serde_json::{Map, Value};
 
 use crate::policy::Snapshot;
+use crate::upstream::http::UpstreamClient;
 
 /// How a principal proved who it is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -213,7 +214,7 @@ pub struct JwtVerifier {
 }
 
 impl JwtVerifier {
-    pub fn new(spec: &JwtIssuerSpec, http: reqwest::Client) -> Result<Self, String> {
+    pub fn new(spec: &JwtIssuerSpec, http: UpstreamClient) -> Result<Self, String> {
         let mut algorithms = Vec::with_capacity(spec.algorithms.len());
         for a in &spec.algorithms {
             algorithms
@@ -322,7 +323,7 @@ type KidKeys = Vec<(Option<String>, DecodingKey)>;
 /// hammer the issuer.
 pub struct Jwks {
     url: String,
-    http: reqwest::Client,
+    http: UpstreamClient,
     keys: std::sync::RwLock<std::sync::Arc<KidKeys>>,
     last_fetch: std::sync::Mutex<Option<std::time::Instant>>,
     fetching: tokio::sync::Mutex<()>,
@@ -332,7 +333,7 @@ impl Jwks {
     const MIN_REFRESH: std::time::Duration = std::time::Duration::from_secs(2);
     const MAX_BYTES: usize = 256 * 1024;
 
-    fn new(url: &str, http: reqwest::Client) -> Self {
+    fn new(url: &str, http: UpstreamClient) -> Self {
         Self {
             url: url.to_string(),
             http,
@@ -394,20 +395,14 @@ impl Jwks {
     }
 
     async fn fetch(&self) -> Result<KidKeys, String> {
-        let resp = tokio::time::timeout(
-            std::time::Duration::from_secs(5),
-            self.http.get(&self.url).send(),
-        )
-        .await
-        .map_err(|_| "timed out".to_string())?
-        .map_err(|e| e.to_string())?;
-        if !resp.status().is_success() {
-            return Err(format!("HTTP {}", resp.status()));
-        }
-        let body = resp.bytes().await.map_err(|e| e.to_string())?;
-        if body.len() > Self::MAX_BYTES {
-            return Err("jwks too large".into());
-        }
+        let body = self
+            .http
+            .get(
+                &self.url,
+                Self::MAX_BYTES,
+                std::time::Duration::from_secs(5),
+            )
+            .await?;
         let set: jsonwebtoken::jwk::JwkSet =
             serde_json::from_slice(&body).map_err(|e| e.to_string())?;
         let mut out = Vec::with_capacity(set.keys.len());

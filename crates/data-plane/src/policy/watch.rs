@@ -112,9 +112,7 @@ pub struct PolicyPublisher {
 pub struct UpstreamEnv {
     pub stdio: std::collections::BTreeMap<String, crate::config::StdioCommand>,
     pub default_timeout: Duration,
-    /// For JWT issuers' key sets.
-    pub http: reqwest::Client,
-    /// Shared by every HTTP upstream.
+    /// Shared by every HTTP upstream and the JWT issuers' key-set fetches.
     pub upstream: crate::upstream::http::UpstreamClient,
 }
 
@@ -123,7 +121,6 @@ impl UpstreamEnv {
         Self {
             stdio: cfg.stdio.clone(),
             default_timeout: Duration::from_millis(cfg.upstream_timeout_ms),
-            http: crate::upstream::http::client(),
             upstream: crate::upstream::http::UpstreamClient::new(),
         }
     }
@@ -196,7 +193,7 @@ impl PolicyPublisher {
         let mut jwt = Vec::with_capacity(policy.spec.jwt_issuers.len());
         for (i, iss) in policy.spec.jwt_issuers.iter().enumerate() {
             jwt.push(
-                JwtVerifier::new(iss, self.env.http.clone())
+                JwtVerifier::new(iss, self.env.upstream.clone())
                     .map_err(|m| PolicyRejected::new(format!("jwt_issuers[{i}]: {m}")))?,
             );
         }

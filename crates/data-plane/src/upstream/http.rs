@@ -88,6 +88,30 @@ impl UpstreamClient {
     }
 }
 
+impl UpstreamClient {
+    /// GET of a small JSON document off the call path (a JWT issuer's key
+    /// set): its body if the status is 2xx and it is at most `max` bytes.
+    /// The error says what failed (for the log; it names no secret).
+    pub async fn get(&self, url: &str, max: usize, timeout: Duration) -> Result<Vec<u8>, String> {
+        sentinel_shared::spec::validate_http_url(url)?;
+        let uri: Uri = url.parse().map_err(|e| format!("not a valid URL: {e}"))?;
+        let mut req = Request::new(Full::new(Bytes::new()));
+        *req.uri_mut() = uri;
+        req.headers_mut()
+            .insert(ACCEPT, HeaderValue::from_static("application/json"));
+        let fetch = async {
+            let resp = self.send(req).await.map_err(|e| e.to_string())?;
+            if !resp.status().is_success() {
+                return Err(format!("HTTP {}", resp.status()));
+            }
+            read_bounded(resp, max).await.map_err(|e| e.to_string())
+        };
+        tokio::time::timeout(timeout, fetch)
+            .await
+            .map_err(|_| "timed out".to_string())?
+    }
+}
+
 impl Default for UpstreamClient {
     fn default() -> Self {
         Self::new()
@@ -126,25 +150,6 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         cause = c.source();
     }
     out
-}
-
-/// The HTTP client for the proxy's own fetches off the call path (JWT
-/// issuers' key sets): reqwest, no system proxy, no redirects.
-pub fn client() -> reqwest::Client {
-    // reqwest is built without a default crypto provider; install ring's
-    // once (a second install is refused harmlessly).
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    reqwest::Client::builder()
-        .no_proxy()
-        .redirect(reqwest::redirect::Policy::none())
-        .pool_idle_timeout(Duration::from_secs(90))
-        .tcp_nodelay(true)
-        .connect_timeout(Duration::from_secs(5))
-        .build()
-        .unwrap_or_else(|e| {
-            tracing::error!(error = %e, "http client with options failed; using defaults");
-            reqwest::Client::new()
-        })
 }
 
 pub struct HttpUpstream {
@@ -458,7 +463,7 @@ impl HttpUpstream {
                 .then_some(self.timeout);
             return Ok((Reply::Stream(sse_texts(resp, idle)), session_id));
         }
-        let bytes = tokio::time::timeout(self.timeout, read_bounded(resp))
+        let bytes = tokio::time::timeout(self.timeout, read_bounded(resp, MAX_ANSWER_BYTES))
             .await
             .map_err(|_| UpstreamError::Timeout)??;
         if !status.is_success() {
@@ -511,16 +516,16 @@ fn header_value(v: &str) -> Result<HeaderValue, UpstreamError> {
     HeaderValue::from_str(v).map_err(|_| UpstreamError::Connect("invalid header value".into()))
 }
 
-async fn read_bounded(resp: Response<Incoming>) -> Result<Vec<u8>, UpstreamError> {
+async fn read_bounded(resp: Response<Incoming>, max: usize) -> Result<Vec<u8>, UpstreamError> {
     let mut body = resp.into_body();
     let hint = http_body::Body::size_hint(&body).lower() as usize;
-    let mut out = Vec::with_capacity(hint.min(MAX_ANSWER_BYTES));
+    let mut out = Vec::with_capacity(hint.min(max));
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| UpstreamError::Connect(error_chain(&e)))?;
         let Ok(chunk) = frame.into_data() else {
             continue; // trailers
         };
-        if out.len() + chunk.len() > MAX_ANSWER_BYTES {
+        if out.len() + chunk.len() > max {
             return Err(UpstreamError::Garbage("answer too large".into()));
         }
         out.extend_from_slice(&chunk);

@@ -161,6 +161,9 @@ pub fn policy(backends: Vec<BackendSpec>) -> (PolicyFile, Keys) {
 }
 
 pub fn client() -> reqwest::Client {
+    // reqwest is built without a default crypto provider (the proxy names
+    // its own); the test client uses ring's.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     reqwest::Client::builder()
         .no_proxy()
         .timeout(Duration::from_secs(30))
