@@ -95,10 +95,9 @@ impl UpstreamClient {
     pub async fn get(&self, url: &str, max: usize, timeout: Duration) -> Result<Vec<u8>, String> {
         sentinel_shared::spec::validate_http_url(url)?;
         let uri: Uri = url.parse().map_err(|e| format!("not a valid URL: {e}"))?;
-        let mut req = Request::new(Full::new(Bytes::new()));
-        *req.uri_mut() = uri;
-        req.headers_mut()
-            .insert(ACCEPT, HeaderValue::from_static("application/json"));
+        let mut headers = HeaderMap::new();
+        headers.insert(ACCEPT, HeaderValue::from_static("application/json"));
+        let req = request(Method::GET, uri, headers, Bytes::new());
         let fetch = async {
             let resp = self.send(req).await.map_err(|e| e.to_string())?;
             if !resp.status().is_success() {
@@ -205,11 +204,7 @@ impl HttpUpstream {
 
     /// A request to the upstream's URL with these headers and this body.
     fn request(&self, method: Method, headers: HeaderMap, body: Bytes) -> Request<Full<Bytes>> {
-        let mut req = Request::new(Full::new(body));
-        *req.method_mut() = method;
-        *req.uri_mut() = self.uri.clone();
-        *req.headers_mut() = headers;
-        req
+        request(method, self.uri.clone(), headers, body)
     }
 
     pub fn name(&self) -> &str {
@@ -507,6 +502,14 @@ fn is_sse(h: &HeaderMap) -> bool {
     h.get(CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("text/event-stream"))
+}
+
+fn request(method: Method, uri: Uri, headers: HeaderMap, body: Bytes) -> Request<Full<Bytes>> {
+    let mut req = Request::new(Full::new(body));
+    *req.method_mut() = method;
+    *req.uri_mut() = uri;
+    *req.headers_mut() = headers;
+    req
 }
 
 /// A header value from text the proxy forwards (a session id, a version,
