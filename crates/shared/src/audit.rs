@@ -161,7 +161,12 @@ pub fn bound_text(text: &str, max_bytes: usize) -> (String, bool) {
 /// order, so the encoding with `hash` empty is the full encoding minus its
 /// last field: no copy of the event is needed.
 pub fn event_hash(ev: &AuditEvent) -> [u8; 32] {
-    let full = ev.encode_to_vec();
+    thread_local! {
+        // One encoding buffer per thread, reused: the shipper seals and the
+        // control plane checks every event, and a fresh buffer per event
+        // cost an allocation and a cold copy of its 1-2 KB.
+        static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
     let hash_len = if ev.hash.is_empty() {
         0
     } else {
@@ -169,8 +174,26 @@ pub fn event_hash(ev: &AuditEvent) -> [u8; 32] {
             + prost::encoding::encoded_len_varint(ev.hash.len() as u64)
             + ev.hash.len()
     };
-    Sha256::digest(&full[..full.len() - hash_len]).into()
+    SCRATCH.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut buf) => {
+            buf.clear();
+            ev.encode_raw(&mut *buf);
+            let digest = Sha256::digest(&buf[..buf.len() - hash_len]).into();
+            // An outsized event does not keep its buffer.
+            if buf.capacity() > SCRATCH_KEEP {
+                *buf = Vec::new();
+            }
+            digest
+        }
+        Err(_) => {
+            let full = ev.encode_to_vec();
+            Sha256::digest(&full[..full.len() - hash_len]).into()
+        }
+    })
 }
+
+/// Largest encoding buffer [`event_hash`] keeps between events.
+const SCRATCH_KEEP: usize = 256 * 1024;
 
 /// Sets `prev_hash` and `hash`: links `ev` into its proxy's chain.
 pub fn seal(ev: &mut AuditEvent, prev_hash: &[u8]) {

@@ -123,63 +123,109 @@ pub enum Next {
     Corrupt(String),
 }
 
-/// Reads the record at the start of `data`; `Record(r, n)` consumed `n`
-/// bytes.
-pub fn decode(data: &[u8]) -> Next {
-    decode_inner(data, true)
+/// A record whose checksum holds, its event still undecoded: the shipper
+/// decodes only the events it ships (an attempt whose outcome follows is
+/// never needed).
+#[derive(Debug, Clone, Copy)]
+pub struct Raw<'a> {
+    pub kind: Kind,
+    pub sequence: u64,
+    /// The `AuditEvent`'s protobuf bytes.
+    pub event: &'a [u8],
 }
 
-/// As [`decode`], without the record's own hash (`hash` is zeros): for the
-/// shipper, which only reads what the writer has just chained and checked.
-/// The checksum is still verified.
-pub fn decode_unhashed(data: &[u8]) -> Next {
-    decode_inner(data, false)
+/// What reading one record's frame found.
+#[derive(Debug)]
+pub enum NextRaw<'a> {
+    Record(Raw<'a>, u64),
+    End,
+    Corrupt(String),
 }
 
-fn decode_inner(data: &[u8], hashed: bool) -> Next {
+/// Reads the frame of the record at the start of `data` (length, checksum,
+/// kind, sequence); `Record(r, n)` consumed `n` bytes. The event is not
+/// decoded and the record not hashed.
+pub fn decode_raw(data: &[u8]) -> NextRaw<'_> {
+    match frame(data) {
+        Ok(Some((payload, n))) => NextRaw::Record(
+            Raw {
+                kind: payload.kind,
+                sequence: payload.sequence,
+                event: &payload.bytes[PAYLOAD_HEAD..],
+            },
+            n,
+        ),
+        Ok(None) => NextRaw::End,
+        Err(why) => NextRaw::Corrupt(why),
+    }
+}
+
+struct Payload<'a> {
+    kind: Kind,
+    sequence: u64,
+    /// The whole payload, head included.
+    bytes: &'a [u8],
+}
+
+fn frame(data: &[u8]) -> Result<Option<(Payload<'_>, u64)>, String> {
     if data.is_empty() {
-        return Next::End;
+        return Ok(None);
     }
     if data.len() < RECORD_HEAD {
-        return Next::Corrupt(format!("{} bytes of a record header", data.len()));
+        return Err(format!("{} bytes of a record header", data.len()));
     }
     let len = u32::from_le_bytes([data[0], data[1], data[2], data[3]]) as usize;
     let crc = u32::from_le_bytes([data[4], data[5], data[6], data[7]]);
     if !(PAYLOAD_HEAD..=MAX_RECORD).contains(&len) {
-        return Next::Corrupt(format!("record length {len} out of range"));
+        return Err(format!("record length {len} out of range"));
     }
     let Some(payload) = data.get(RECORD_HEAD..RECORD_HEAD + len) else {
-        return Next::Corrupt(format!(
+        return Err(format!(
             "record of {len} bytes cut after {}",
             data.len() - RECORD_HEAD
         ));
     };
     if crc32fast::hash(payload) != crc {
-        return Next::Corrupt("checksum mismatch".into());
+        return Err("checksum mismatch".into());
     }
     let Some(kind) = Kind::from_u8(payload[0]) else {
-        return Next::Corrupt(format!("unknown record kind {}", payload[0]));
+        return Err(format!("unknown record kind {}", payload[0]));
     };
     let mut s = [0u8; 8];
     s.copy_from_slice(&payload[1..9]);
-    let sequence = u64::from_le_bytes(s);
+    Ok(Some((
+        Payload {
+            kind,
+            sequence: u64::from_le_bytes(s),
+            bytes: payload,
+        },
+        (RECORD_HEAD + len) as u64,
+    )))
+}
+
+/// Reads the record at the start of `data`, its event decoded and its
+/// payload hashed; `Record(r, n)` consumed `n` bytes.
+pub fn decode(data: &[u8]) -> Next {
+    let (payload, n) = match frame(data) {
+        Ok(Some(f)) => f,
+        Ok(None) => return Next::End,
+        Err(why) => return Next::Corrupt(why),
+    };
     let mut prev = [0u8; 32];
-    prev.copy_from_slice(&payload[9..PAYLOAD_HEAD]);
-    match AuditEvent::decode(&payload[PAYLOAD_HEAD..]) {
+    prev.copy_from_slice(&payload.bytes[9..PAYLOAD_HEAD]);
+    match AuditEvent::decode(&payload.bytes[PAYLOAD_HEAD..]) {
         Ok(event) => Next::Record(
             Box::new(Record {
-                kind,
-                sequence,
+                kind: payload.kind,
+                sequence: payload.sequence,
                 prev,
-                hash: if hashed {
+                hash: {
                     use sha2::Digest;
-                    sha2::Sha256::digest(payload).into()
-                } else {
-                    [0; 32]
+                    sha2::Sha256::digest(payload.bytes).into()
                 },
                 event,
             }),
-            (RECORD_HEAD + len) as u64,
+            n,
         ),
         Err(e) => Next::Corrupt(format!("event does not decode: {e}")),
     }
@@ -221,5 +267,24 @@ mod tests {
         flipped[one + 12] ^= 1;
         assert!(matches!(decode(&flipped[one..]), Next::Corrupt(m) if m.contains("checksum")));
         assert!(matches!(decode(&[]), Next::End));
+
+        // The frame alone: same kind, sequence and length, the event's
+        // bytes undecoded, the same checks on length and checksum.
+        let NextRaw::Record(raw, n) = decode_raw(&buf[one..]) else {
+            panic!("second frame")
+        };
+        assert_eq!(
+            (raw.kind, raw.sequence, n as usize),
+            (Kind::Outcome, 7, buf.len() - one)
+        );
+        assert_eq!(AuditEvent::decode(raw.event).ok(), Some(ev));
+        assert!(
+            matches!(decode_raw(&flipped[one..]), NextRaw::Corrupt(m) if m.contains("checksum"))
+        );
+        assert!(matches!(
+            decode_raw(&buf[one..buf.len() - 1]),
+            NextRaw::Corrupt(_)
+        ));
+        assert!(matches!(decode_raw(&[]), NextRaw::End));
     }
 }

@@ -30,7 +30,7 @@ use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
-use crate::format::{self, Kind, Next};
+use crate::format::{self, Kind, NextRaw};
 use crate::writer::{Shared, list_segments};
 use crate::{Durability, Spool, write_atomically};
 
@@ -95,7 +95,7 @@ pub fn count_unacked(dir: &Path, acked: &Acked) -> std::io::Result<u64> {
             continue;
         };
         let mut pos = format::HEADER_LEN as usize;
-        while let Next::Record(r, len) = format::decode_unhashed(&data[pos..]) {
+        while let NextRaw::Record(r, len) = format::decode_raw(&data[pos..]) {
             pos += len as usize;
             if r.kind != Kind::Outcome && (epoch, r.sequence) > acked.key() {
                 n += 1;
@@ -135,7 +135,8 @@ impl ShipperConfig {
 
 #[derive(Default)]
 struct Entry {
-    attempt: Option<AuditEvent>,
+    /// The attempt's event, undecoded: needed only if no outcome comes.
+    attempt: Option<Vec<u8>>,
     done: Option<AuditEvent>,
 }
 
@@ -386,14 +387,14 @@ impl Shipper {
             let mut pos = 0usize;
             let mut bad = false;
             loop {
-                match format::decode_unhashed(&data[pos..]) {
-                    Next::Record(r, n) => {
+                match format::decode_raw(&data[pos..]) {
+                    NextRaw::Record(r, n) => {
                         self.take(r, self.off + pos as u64);
                         pos += n as usize;
                     }
-                    Next::End => break,
-                    Next::Corrupt(_) if chunk_cut && pos > 0 => break,
-                    Next::Corrupt(why) => {
+                    NextRaw::End => break,
+                    NextRaw::Corrupt(_) if chunk_cut && pos > 0 => break,
+                    NextRaw::Corrupt(why) => {
                         tracing::error!(segment = %path.display(), offset = self.off + pos as u64, %why, "spool: unreadable record; skipping the rest of the segment");
                         bad = true;
                         break;
@@ -424,7 +425,7 @@ impl Shipper {
             .find(|&i| i > self.seg)
     }
 
-    fn take(&mut self, r: Box<format::Record>, pos: u64) {
+    fn take(&mut self, r: format::Raw<'_>, pos: u64) {
         let key = (self.seg_epoch, r.sequence);
         let m = self.seg_max.entry(self.seg).or_insert(key);
         *m = (*m).max(key);
@@ -439,11 +440,18 @@ impl Shipper {
             return;
         }
         match r.kind {
-            Kind::Attempt => self.pending.entry(key).or_default().attempt = Some(r.event),
-            Kind::Whole => self.pending.entry(key).or_default().done = Some(r.event),
+            Kind::Attempt => self.pending.entry(key).or_default().attempt = Some(r.event.to_vec()),
+            Kind::Whole => {
+                if let Some(ev) = decode_event(r.event, key) {
+                    self.pending.entry(key).or_default().done = Some(ev);
+                }
+            }
             Kind::Outcome => {
-                if let Some(e) = self.pending.get_mut(&key) {
-                    e.done = Some(r.event);
+                if let Some(e) = self.pending.get_mut(&key)
+                    && let Some(ev) = decode_event(r.event, key)
+                {
+                    e.done = Some(ev);
+                    e.attempt = None;
                 }
             }
         }
@@ -479,10 +487,13 @@ impl Shipper {
             let (_, entry) = self.pending.pop_first()?;
             let mut ev = match (entry.done, entry.attempt) {
                 (Some(done), _) => done,
-                (None, Some(mut attempt)) => {
-                    attempt.outcome = Outcome::Unknown as i32;
-                    attempt
-                }
+                (None, Some(attempt)) => match decode_event(&attempt, (epoch, seq)) {
+                    Some(mut attempt) => {
+                        attempt.outcome = Outcome::Unknown as i32;
+                        attempt
+                    }
+                    None => continue,
+                },
                 (None, None) => continue,
             };
             if !in_order {
@@ -626,6 +637,20 @@ impl Shipper {
 
 /// Up to `len` bytes of `file` from `off` (fewer at its end), by
 /// positioned reads that leave no cursor behind.
+/// The event of a record whose checksum held. A record the writer framed
+/// but whose event does not decode is skipped, named in the log: the
+/// control plane then sees a gap at its sequence.
+fn decode_event(bytes: &[u8], (epoch, sequence): (u64, u64)) -> Option<AuditEvent> {
+    use prost::Message;
+    match AuditEvent::decode(bytes) {
+        Ok(ev) => Some(ev),
+        Err(error) => {
+            tracing::error!(epoch, sequence, %error, "spool: event does not decode; skipped");
+            None
+        }
+    }
+}
+
 fn read_range(file: &std::fs::File, off: u64, len: u64) -> std::io::Result<Vec<u8>> {
     use std::os::unix::fs::FileExt;
     // The open segment's committed length is known and small; a closed
