@@ -635,11 +635,10 @@ impl Shipper {
     }
 }
 
-/// Up to `len` bytes of `file` from `off` (fewer at its end), by
-/// positioned reads that leave no cursor behind.
-/// The event of a record whose checksum held. A record the writer framed
-/// but whose event does not decode is skipped, named in the log: the
-/// control plane then sees a gap at its sequence.
+/// The event of a record whose checksum held. One that does not decode is
+/// named in the log and skipped: an outcome's attempt then ships as
+/// `unknown`; a missing attempt or whole event is a missing sequence, which
+/// ships as a gap once its epoch has ended (as a torn record always did).
 fn decode_event(bytes: &[u8], (epoch, sequence): (u64, u64)) -> Option<AuditEvent> {
     use prost::Message;
     match AuditEvent::decode(bytes) {
@@ -651,6 +650,8 @@ fn decode_event(bytes: &[u8], (epoch, sequence): (u64, u64)) -> Option<AuditEven
     }
 }
 
+/// Up to `len` bytes of `file` from `off` (fewer at its end), by
+/// positioned reads that leave no cursor behind.
 fn read_range(file: &std::fs::File, off: u64, len: u64) -> std::io::Result<Vec<u8>> {
     use std::os::unix::fs::FileExt;
     // The open segment's committed length is known and small; a closed
